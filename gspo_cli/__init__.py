@@ -1,0 +1,1 @@
+"""gspo-cli: GSPO, GRPO and PPO under one RL loop, configured by Hydra."""

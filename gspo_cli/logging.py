@@ -1,0 +1,82 @@
+"""Where a run's numbers go: metrics.jsonl (the source of truth), W&B (offline by default), samples.jsonl, and the
+console (a rich progress bar on a terminal, one plain line per step elsewhere, a summary table at the end)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+SUMMARY_KEYS = ("reward/mean", "reward/accuracy", "eval/accuracy", "clip/frac", "kl/ref", "entropy", "len/mean",
+                "grad/norm", "time/step")
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the rows of steps <= last_step: a resumed run re-does what came after its checkpoint."""
+    if path.exists():
+        rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, config: dict, *, steps: int, start_step: int, wandb_cfg, wandb_id=None,
+                 name: str = ""):
+        self.run_dir, self.steps = Path(run_dir), steps
+        self.metrics_path, self.samples_path = self.run_dir / "metrics.jsonl", self.run_dir / "samples.jsonl"
+        for p in (self.metrics_path, self.samples_path):
+            _truncate_jsonl(p, start_step)
+        self.history: list[dict] = []
+        self.wandb = None
+        if wandb_cfg.mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_cfg.project, group=wandb_cfg.group, tags=list(wandb_cfg.tags),
+                                    name=name or self.run_dir.name, dir=str(self.run_dir), mode=wandb_cfg.mode,
+                                    id=wandb_id, resume="allow", config=config,
+                                    settings=wandb.Settings(console="off", silent=True))
+        self.wandb_id = self.wandb.id if self.wandb is not None else None
+        self.progress = None
+        if console.is_terminal:
+            self.progress = Progress(TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
+                                     TextColumn("{task.fields[info]}"), console=console)
+            self.task = self.progress.add_task("train", total=steps, completed=start_step, info="")
+            self.progress.start()
+
+    def log(self, metrics: dict, step: int) -> None:
+        row = {"step": step, **metrics}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        self.history.append(row)
+        info = "  ".join(f"{k.split('/')[-1] if k != 'eval/accuracy' else 'eval_acc'}={metrics[k]:.3g}"
+                         for k in ("reward/mean", "reward/accuracy", "eval/accuracy", "clip/frac", "time/step")
+                         if k in metrics)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, info=info)
+        else:
+            console.print(f"step {step}/{self.steps}  {info}", highlight=False)
+
+    def samples(self, rows: list[dict]) -> None:
+        with open(self.samples_path, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        if self.wandb is not None:
+            self.wandb.finish()
+        table = Table(title=f"run {self.run_dir}")
+        table.add_column("metric")
+        table.add_column("first", justify="right")
+        table.add_column("last", justify="right")
+        for k in SUMMARY_KEYS:
+            vals = [r[k] for r in self.history if k in r and not (isinstance(r[k], float) and math.isnan(r[k]))]
+            if vals:
+                table.add_row(k, f"{vals[0]:.4g}", f"{vals[-1]:.4g}")
+        console.print(table)

