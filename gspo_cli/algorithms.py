@@ -83,6 +83,8 @@ def clip_stats(ratio: Tensor, binding: Tensor, adv: Tensor, mask: Tensor, ratio_
 
 def _with_kl(loss_tok: Tensor, logp: Tensor, ref_logp: Tensor | None, beta: float, stats: dict, mask: Tensor):
     if beta > 0:
+        if ref_logp is None:
+            raise ValueError(f"beta={beta} > 0 needs ref_logp (the reference policy's log-probs)")
         kl = k3_kl(logp, ref_logp)                                      # (B, T)
         loss_tok = loss_tok + beta * kl
         stats["kl/loss"] = token_mean(kl.detach(), mask).item()
@@ -102,7 +104,8 @@ def gspo_loss(logp, old_logp, adv, mask, *, eps_low=3e-4, eps_high=4e-4, beta=0.
     if variant == "token":
         log_s = log_s.detach() + logp - logp.detach()                  # (B, T): value log s_i, grad ∇logp_t
     loss, ratio, binding = clipped_surrogate(log_s, adv[:, None], eps_low, eps_high)   # (B, 1|T)
-    stats = clip_stats(ratio.detach(), binding, adv[:, None], mask, (mask.sum(-1, keepdim=True) > 0).float())
+    ratio_mask = mask if variant == "token" else (mask.sum(-1, keepdim=True) > 0).float()   # (B, T|1)
+    stats = clip_stats(ratio.detach(), binding, adv[:, None], mask, ratio_mask)
     loss_tok = _with_kl(loss.expand_as(mask), logp, ref_logp, beta, stats, mask)        # (B, T)
     return AGGREGATIONS[loss_agg](loss_tok, mask), stats
 

@@ -23,12 +23,12 @@ COMMANDS = {"train": "train a policy (Hydra app; `gspo train --help` lists the c
 
 def _run_dir(resume, default):
     """hydra.run.dir: a resumed run continues in its own dir; `resume=auto` keeps the new (or requeued) dir."""
-    return default if resume in (None, "auto") else resume
+    return resume if resume not in (None, "auto") and os.path.isdir(resume) else default
 
 
 def _output_subdir(resume):
     """Keep the original .hydra/ of a resumed run; the resume's own composed config goes beside it."""
-    return ".hydra" if resume in (None, "auto") else ".hydra/resume"
+    return ".hydra/resume" if resume not in (None, "auto") and os.path.isdir(resume) else ".hydra"
 
 
 OmegaConf.register_new_resolver("gspo_run_dir", _run_dir, replace=True)
@@ -38,8 +38,9 @@ OmegaConf.register_new_resolver("gspo_output_subdir", _output_subdir, replace=Tr
 def _resumed_config(cfg: DictConfig, state: dict, overrides: list[str]) -> DictConfig:
     """The checkpoint's own config, with this command's plain key=value overrides on top (e.g. trainer.steps=80)."""
     saved = OmegaConf.create(state["config"])
+    chosen = {o.lstrip("+").split("=", 1)[0] for o in overrides}
     for key in ("algo", "model"):
-        if saved[key]["name"] != cfg[key]["name"]:
+        if key in chosen and saved[key]["name"] != cfg[key]["name"]:
             raise ConfigError(f"{key}={cfg[key]['name']!r} does not match the checkpoint in resume={cfg.resume!r}, "
                               f"which is {key}={saved[key]['name']!r}: expected the same {key} (or no {key} override)")
     dotted = [o.lstrip("+") for o in overrides if "." in o.split("=", 1)[0] and not o.startswith("~")]

