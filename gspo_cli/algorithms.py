@@ -122,7 +122,54 @@ def grpo_loss(logp, old_logp, adv, mask, *, eps_low=0.2, eps_high=0.2, beta=0.04
     return AGGREGATIONS[loss_agg](loss_tok, mask), stats
 
 
-LOSSES = {"gspo": gspo_loss, "grpo": grpo_loss}
+def whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """(x − mean) / std over the masked elements, unbiased variance (verl `masked_whiten`). (B, T) -> (B, T)."""
+    n = mask.sum()
+    mean = (x * mask).sum() / n.clamp(min=1)
+    var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def ppo_token_rewards(rewards: Tensor, old_logp: Tensor, ref_logp: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
+    """r_t = −β_kl (log π_old − log π_ref) on every response token, + R on the last one (Ouyang et al. 2022,
+    arXiv 2203.02155, eq. 2; Ziegler et al. 2019). rewards (B,), the rest (B, T) -> (B, T)."""
+    r = -kl_coef * (old_logp - ref_logp) * mask                        # (B, T)
+    lengths = mask.sum(-1).long()                                      # (B,)
+    last = (lengths - 1).clamp(min=0)                                  # (B,)
+    rows = torch.arange(r.shape[0], device=r.device)
+    return r.index_put((rows, last), r[rows, last] + rewards * (lengths > 0))
+
+
+def gae(token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95):
+    """GAE, Schulman et al. 2016 (arXiv 1506.02438, eq. 16): δ_t = r_t + γV_{t+1} − V_t, A_t = δ_t + γλA_{t+1},
+    over response tokens only (V and A after a response's last token are 0). (B, T) x3 -> (advantages, returns)."""
+    T = token_rewards.shape[1]
+    adv = torch.zeros_like(token_rewards)                              # (B, T)
+    carry = torch.zeros_like(token_rewards[:, 0])                      # (B,)
+    for t in reversed(range(T)):
+        nxt = mask[:, t + 1] if t + 1 < T else torch.zeros_like(carry)  # (B,) 1 while the response goes on
+        next_v = values[:, t + 1] * nxt if t + 1 < T else torch.zeros_like(carry)
+        delta = token_rewards[:, t] + gamma * next_v - values[:, t]
+        carry = delta + gamma * lam * carry * nxt
+        adv[:, t] = carry * mask[:, t]
+    return adv, (adv + values) * mask
+
+
+def ppo_loss(logp, old_logp, adv, mask, *, values, old_values, returns, eps_low=0.2, eps_high=0.2, value_clip=0.2,
+             vf_coef=0.1, beta=0.0, ref_logp=None, loss_agg="token_mean"):
+    """PPO-clip, Schulman et al. 2017 (arXiv 1707.06347, eq. 7 and 9) in the RLHF form (per-token advantages):
+    L = token-mean −min(ρA, clip(ρ, 1−ε, 1+ε)A) + vf_coef · 0.5 · token-mean max((V−R)², (clip(V, V_old ± c) − R)²).
+    adv, values, old_values, returns: (B, T)."""
+    loss, ratio, binding = clipped_surrogate(logp - old_logp, adv, eps_low, eps_high)   # (B, T)
+    stats = clip_stats(ratio.detach(), binding, adv, mask, mask)
+    policy = AGGREGATIONS[loss_agg](_with_kl(loss, logp, ref_logp, beta, stats, mask), mask)
+    v_clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)      # (B, T)
+    value = 0.5 * token_mean(torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
+    stats["loss/policy"], stats["loss/value"] = policy.item(), value.item()
+    return policy + vf_coef * value, stats
+
+
+LOSSES = {"gspo": gspo_loss, "grpo": grpo_loss, "ppo": ppo_loss}
 DEFAULT_AGG = {"gspo": "seq_mean_token_mean", "grpo": "seq_mean_token_mean", "ppo": "token_mean"}
 
 

@@ -19,14 +19,20 @@ class ConfigError(ValueError):
 
 @dataclass
 class AlgoConfig:
-    name: str = "gspo"                 # gspo | grpo (| ppo): picks algorithms.LOSSES[name]
-    group_size: int = 4                # G responses per prompt; group advantages need G >= 2
+    name: str = "gspo"                 # gspo | grpo | ppo: picks algorithms.LOSSES[name]
+    group_size: int = 4                # G responses per prompt; GSPO/GRPO's group advantages need G >= 2
     eps_low: float = 3e-4              # clip range below 1 (GSPO paper §5.1: 3e-4; GRPO/PPO: 0.2)
     eps_high: float = 4e-4             # clip range above 1 (GSPO: 4e-4; DAPO clip-higher: 0.28)
     beta: float = 0.0                  # weight of the k3 KL to the reference model in the loss
     variant: str = "sequence"          # GSPO only: sequence | token (GSPO-token, eq. 13)
     loss_agg: str = "default"          # default (each paper's) | seq_mean_token_mean | token_mean
     scale_rewards: bool = True         # divide group advantages by the group std (false: Dr. GRPO)
+    critic: str = "shared"             # PPO: shared (a value head on the policy trunk) | separate (own copy)
+    kl_coef: float = 0.05              # PPO: per-token reward −kl_coef·(old_logp − ref_logp)
+    gamma: float = 1.0                 # PPO: GAE discount
+    lam: float = 0.95                  # PPO: GAE λ
+    vf_coef: float = 0.1               # PPO: weight of the value loss
+    value_clip: float = 0.2            # PPO: value-function clip range around the rollout's values
 
 
 @dataclass
@@ -119,7 +125,7 @@ class Config:
 
 ConfigStore.instance().store(name="gspo_schema", node=Config)
 
-ALGOS = ("gspo", "grpo")
+ALGOS = ("gspo", "grpo", "ppo")
 LOSS_AGGS = ("default", "seq_mean_token_mean", "token_mean")
 
 
@@ -132,7 +138,14 @@ def validate(cfg: Config) -> Config:
     """Range and cross-field checks; raise ConfigError naming the first bad key."""
     a, t, r, o, m = cfg.algo, cfg.trainer, cfg.rollout, cfg.optim, cfg.model
     _check(a.name in ALGOS, "algo.name", a.name, f"one of {list(ALGOS)}")
-    _check(a.group_size >= 2, "algo.group_size", a.group_size, "an integer >= 2 (group advantages)")
+    _check(a.group_size >= (1 if a.name == "ppo" else 2), "algo.group_size", a.group_size,
+           "an integer >= 1 for ppo" if a.name == "ppo" else "an integer >= 2 (group advantages)")
+    _check(a.critic in ("shared", "separate"), "algo.critic", a.critic, "'shared' or 'separate'")
+    _check(a.kl_coef >= 0, "algo.kl_coef", a.kl_coef, "a float >= 0")
+    _check(0 <= a.gamma <= 1, "algo.gamma", a.gamma, "a float in [0, 1]")
+    _check(0 <= a.lam <= 1, "algo.lam", a.lam, "a float in [0, 1]")
+    _check(a.vf_coef >= 0, "algo.vf_coef", a.vf_coef, "a float >= 0")
+    _check(a.value_clip > 0, "algo.value_clip", a.value_clip, "a float > 0")
     _check(a.eps_low >= 0, "algo.eps_low", a.eps_low, "a float >= 0")
     _check(a.eps_high >= 0, "algo.eps_high", a.eps_high, "a float >= 0")
     _check(a.beta >= 0, "algo.beta", a.beta, "a float >= 0")

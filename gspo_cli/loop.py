@@ -1,4 +1,6 @@
-"""The one RL loop. GSPO and GRPO share every line here; the only per-algorithm code is `algorithms.LOSSES[name]`.
+"""The one RL loop. GSPO, GRPO and PPO share every line here except the loss (`algorithms.LOSSES[name]`) and, for
+PPO, whether a value is computed: PPO here is PPO-clip with a critic (a value head on the policy trunk, or a separate
+copy) and GAE on KL-shaped per-token rewards, as in RLHF (Ouyang et al. 2022), not a critic-free variant.
 
     for step: rollout (KV-cached sampling, log-probs kept as old_logp) -> verifier rewards -> group advantages
               -> reference log-probs (when a KL is used or logged) -> epochs x minibatches of clipped updates
@@ -68,12 +70,16 @@ def evaluate(policy, tok, task, cfg: Config, device, batch_size: int = 32) -> di
             "eval/reward": float(np.mean([s["reward"] for s in scores]))}
 
 
-def update(policy, opt, sched, roll, adv, ref_logp, cfg: Config, shuffle_gen, loss_kw) -> dict:
-    """trainer.epochs x trainer.minibatches optimizer steps on one rollout batch; stats token-weighted."""
+def update(policy, opt, sched, roll, adv, ref_logp, cfg: Config, shuffle_gen, loss_kw, critic=None) -> dict:
+    """trainer.epochs x trainer.minibatches optimizer steps on one rollout batch; stats token-weighted.
+
+    adv is (B,) (one per response: GSPO, GRPO) or (B, T) (per token: PPO, which also passes
+    critic = (old_values, returns), each (B, T)).
+    """
     loss_fn = algorithms.get_loss(cfg.algo.name)
     B, n_mb = adv.shape[0], cfg.trainer.minibatches
     size = B // n_mb
-    sums, rmin, rmax, losses, norms, nonfinite = {}, math.inf, -math.inf, [], [], 0
+    sums, rmin, rmax, losses, v_losses, norms, nonfinite = {}, math.inf, -math.inf, [], [], [], 0
     policy.train()
     for _ in range(cfg.trainer.epochs):
         perm = torch.randperm(B, generator=shuffle_gen).to(adv.device)
@@ -82,9 +88,15 @@ def update(policy, opt, sched, roll, adv, ref_logp, cfg: Config, shuffle_gen, lo
             p_ids, p_mask, ids, mask = rollout.trim(roll.prompt_ids[idx], roll.prompt_mask[idx], roll.ids[idx],
                                                     roll.mask[idx])
             T = ids.shape[1]
-            logp = rollout.token_logps(policy, p_ids, p_mask, ids, mask, cfg.rollout.temperature)   # (b, T)
             ref = ref_logp[idx][:, :T] if ref_logp is not None else None
-            loss, st = loss_fn(logp, roll.logp[idx][:, :T], adv[idx], mask, ref_logp=ref, **loss_kw)
+            if critic is None:
+                logp = rollout.token_logps(policy, p_ids, p_mask, ids, mask, cfg.rollout.temperature)    # (b, T)
+                loss, st = loss_fn(logp, roll.logp[idx][:, :T], adv[idx], mask, ref_logp=ref, **loss_kw)
+            else:
+                logp, values = rollout.token_logps(policy, p_ids, p_mask, ids, mask, cfg.rollout.temperature,
+                                                   with_values=True)                                      # (b, T) x2
+                loss, st = loss_fn(logp, roll.logp[idx][:, :T], adv[idx][:, :T], mask, ref_logp=ref, values=values,
+                                   old_values=critic[0][idx][:, :T], returns=critic[1][idx][:, :T], **loss_kw)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.trainer.max_grad_norm)
@@ -93,7 +105,8 @@ def update(policy, opt, sched, roll, adv, ref_logp, cfg: Config, shuffle_gen, lo
             else:
                 nonfinite += 1
             sched.step()
-            losses.append(loss.item())
+            losses.append(st.get("loss/policy", loss.item()))
+            v_losses.append(st.get("loss/value", 0.0))
             norms.append(norm.item())
             for key, w in (("clip/frac", "tokens"), ("clip/frac_low", "tokens"), ("clip/frac_high", "tokens"),
                            ("ratio/mean", "ratios"), ("kl/loss", "tokens")):
@@ -103,6 +116,7 @@ def update(policy, opt, sched, roll, adv, ref_logp, cfg: Config, shuffle_gen, lo
             rmin, rmax = min(rmin, st["ratio/min"]), max(rmax, st["ratio/max"])
     out = {k: sums[k] / max(sums[k + "#w"], 1.0) for k in sums if not k.endswith("#w")}
     return {**out, "ratio/min": rmin, "ratio/max": rmax, "loss/policy": float(np.mean(losses)),
+            "loss/value": float(np.mean(v_losses)),
             "grad/norm": float(np.mean(norms)), "grad/nonfinite": nonfinite}
 
 
@@ -112,7 +126,26 @@ def loss_kwargs(cfg: Config) -> dict:
               loss_agg=algorithms.DEFAULT_AGG[a.name] if a.loss_agg == "default" else a.loss_agg)
     if a.name == "gspo":
         kw["variant"] = a.variant
+    if a.name == "ppo":
+        kw.update(vf_coef=a.vf_coef, value_clip=a.value_clip)
     return kw
+
+
+@torch.no_grad()
+def ppo_targets(policy, roll, rewards, ref_logp, cfg: Config):
+    """PPO only: the rollout policy's values (one extra no-grad forward), KL-shaped token rewards, GAE advantages
+    (whitened over the batch's response tokens) and returns. -> adv (B, T), (old_values, returns), metrics."""
+    a = cfg.algo
+    _, old_values = rollout.token_logps(policy, roll.prompt_ids, roll.prompt_mask, roll.ids, roll.mask,
+                                        cfg.rollout.temperature, with_values=True)                  # (B, T)
+    token_r = algorithms.ppo_token_rewards(rewards, roll.logp, ref_logp, roll.mask, a.kl_coef)      # (B, T)
+    adv, returns = algorithms.gae(token_r, old_values, roll.mask, a.gamma, a.lam)                   # (B, T) x2
+    m = roll.mask.bool()
+    var_r = returns[m].var()
+    metrics = {"value/mean": old_values[m].mean().item(), "returns/mean": returns[m].mean().item(),
+               "value/explained_variance": (1 - (returns[m] - old_values[m]).var() / var_r).item()
+               if var_r > 0 else float("nan")}
+    return algorithms.whiten(adv, roll.mask), (old_values, returns), metrics
 
 
 def train(cfg: Config, run_dir: Path, config_dict: dict, resume_state: dict | None = None) -> list[dict]:
@@ -125,7 +158,10 @@ def train(cfg: Config, run_dir: Path, config_dict: dict, resume_state: dict | No
     task = tasks.build_task(cfg.task, cfg.seed)
     tok = models.load_tokenizer(cfg.model)
     policy = models.load_policy(cfg.model, tok, device, seed=cfg.seed)
-    ref_model = models.frozen_copy(policy) if cfg.algo.beta > 0 or t.log_ref_kl else None
+    ppo = cfg.algo.name == "ppo"
+    ref_model = models.frozen_copy(policy) if cfg.algo.beta > 0 or t.log_ref_kl or ppo else None
+    if ppo:
+        models.add_value_head(policy, separate=cfg.algo.critic == "separate")
     opt = build_optimizer(policy, cfg.optim)
     warmup = cfg.optim.warmup_steps * t.epochs * t.minibatches
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: min(1.0, (u + 1) / warmup) if warmup else 1.0)
@@ -163,14 +199,19 @@ def train(cfg: Config, run_dir: Path, config_dict: dict, resume_state: dict | No
         completions = decode(tok, roll.ids, roll.mask)
         scores = [task.score(e, c) for e, c in zip([e for e in entries for _ in range(G)], completions)]
         rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32, device=device)   # (B,)
-        adv = algorithms.group_advantages(rewards, G, cfg.algo.scale_rewards)                       # (B,)
         ref_logp = None
         if ref_model is not None:
             with torch.no_grad():
                 ref_logp = rollout.token_logps(ref_model, roll.prompt_ids, roll.prompt_mask, roll.ids, roll.mask,
                                                cfg.rollout.temperature)                             # (B, T)
+        critic, value_metrics = None, {}
+        if ppo:
+            adv, critic, value_metrics = ppo_targets(policy, roll, rewards, ref_logp, cfg)          # (B, T)
+        else:
+            adv = algorithms.group_advantages(rewards, G, cfg.algo.scale_rewards)                   # (B,)
         t1 = time.perf_counter()
-        stats = update(policy, opt, sched, roll, adv, ref_logp if cfg.algo.beta > 0 else None, cfg, shuffle_gen, kw)
+        stats = update(policy, opt, sched, roll, adv, ref_logp if cfg.algo.beta > 0 else None, cfg, shuffle_gen, kw,
+                       critic)
         t2 = time.perf_counter()
         mask = roll.mask
         lengths = mask.sum(-1)                                                                      # (B,)
@@ -187,7 +228,7 @@ def train(cfg: Config, run_dir: Path, config_dict: dict, resume_state: dict | No
             "entropy": algorithms.token_mean(roll.entropy, mask).item(),
             "len/mean": lengths.mean().item(),
             "len/clipped_frac": (~roll.finished).float().mean().item(),
-            "loss/value": 0.0,
+            **value_metrics,
             "lr": sched.get_last_lr()[0],
             "time/rollout": t1 - t0, "time/update": t2 - t1, "time/step": t2 - t0,
             "tokens_per_s": tokens * (1 + t.epochs) / (t2 - t0),

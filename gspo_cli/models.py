@@ -65,6 +65,19 @@ def load_policy(cfg: ModelConfig, tokenizer, device: torch.device, seed: int = 0
     return model.to(device)
 
 
+def add_value_head(model, separate: bool) -> None:
+    """PPO's critic: a zero-initialised Linear(hidden, 1) on the last hidden state, on the policy's own trunk
+    (`shared`) or on a trainable copy of it (`separate`). Registered as submodules, so the optimizer, the
+    checkpoint and `load_state_dict` carry it with the policy."""
+    owner = model
+    if separate:
+        model.critic = copy.deepcopy(model)
+        owner = model.critic
+    head = torch.nn.Linear(model.config.hidden_size, 1, device=model.device, dtype=model.dtype)
+    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
+    owner.value_head = head
+
+
 def frozen_copy(model):
     """The reference policy: a frozen copy of the initial weights (KL term and the kl/ref metric)."""
     ref = copy.deepcopy(model).eval()

@@ -93,19 +93,31 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: 
 
 
 def token_logps(model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor,
-                temperature: float = 1.0) -> Tensor:
+                temperature: float = 1.0, with_values: bool = False):
     """log softmax(logits / temperature)[token] of each response token, teacher-forced: (B, T) in fp32.
 
-    Only the T logits that predict response tokens are computed (`logits_to_keep`), and the log-prob is the chosen
-    logit minus a row-wise logsumexp, so no [B, T, V] log-softmax is kept for backward.
+    The LM head runs only on the T positions that predict response tokens, and the log-prob is the chosen logit
+    minus a row-wise logsumexp, so no [B, T, V] log-softmax is kept for backward. With `with_values`, also the
+    PPO critic's V(s_t) at the same positions (B, T): returns (logp, values).
     """
     T = ids.shape[1]
     full_ids = torch.cat([prompt_ids, ids], dim=1)                    # (B, P + T)
     attn = torch.cat([prompt_mask.long(), mask.long()], dim=1)        # (B, P + T)
-    logits = model(input_ids=full_ids, attention_mask=attn, position_ids=positions(attn),
-                   logits_to_keep=T + 1).logits[:, :-1].float() / temperature   # (B, T, V)
+    pos = positions(attn)
+
+    def trunk(m):                                                     # last hidden state before each response token
+        return m.get_decoder()(input_ids=full_ids, attention_mask=attn, position_ids=pos).last_hidden_state[:, -T - 1:-1]
+
+    hidden = trunk(model)                                             # (B, T, H)
+    logits = model.get_output_embeddings()(hidden).float() / temperature        # (B, T, V)
     chosen = logits.gather(-1, ids[..., None]).squeeze(-1)            # (B, T)
-    return (chosen - logits.logsumexp(-1)) * mask                     # (B, T)
+    logp = (chosen - logits.logsumexp(-1)) * mask                     # (B, T)
+    if not with_values:
+        return logp
+    critic = getattr(model, "critic", None)
+    h = hidden if critic is None else trunk(critic)                   # (B, T, H)
+    values = (model if critic is None else critic).value_head(h).squeeze(-1).float() * mask          # (B, T)
+    return logp, values
 
 
 def trim(prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor):

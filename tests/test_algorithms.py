@@ -182,3 +182,112 @@ def test_aggregations_and_microbatch_accumulation():
 def test_unknown_algorithm_is_refused():
     with pytest.raises(ValueError, match="algo='dpo'; expected one of"):
         A.get_loss("dpo")
+
+
+# ---- PPO: GAE, shaped rewards, the clipped policy and value losses ----
+
+def test_gae_hand_computed_three_tokens():
+    # r = (0, 0, 1), V = (0.5, 0.6, 0.7), gamma = 1, lam = 0.5
+    # delta_2 = 1 - 0.7 = 0.3; delta_1 = 0 + 0.7 - 0.6 = 0.1; delta_0 = 0 + 0.6 - 0.5 = 0.1
+    # A_2 = 0.3; A_1 = 0.1 + 0.5 * 0.3 = 0.25; A_0 = 0.1 + 0.5 * 0.25 = 0.225; R = A + V
+    r, v, m = torch.tensor([[0.0, 0.0, 1.0, 0.0]]), torch.tensor([[0.5, 0.6, 0.7, 9.0]]), torch.tensor([[1.0, 1, 1, 0]])
+    adv, ret = A.gae(r, v, m, gamma=1.0, lam=0.5)
+    assert torch.allclose(adv, torch.tensor([[0.225, 0.25, 0.3, 0.0]]))
+    assert torch.allclose(ret, torch.tensor([[0.725, 0.85, 1.0, 0.0]]))
+
+
+def ref_gae(r, v, mask, gamma, lam):
+    B, T = r.shape
+    adv = [[0.0] * T for _ in range(B)]
+    for i in range(B):
+        n = int(mask[i].sum())
+        for t in range(n):
+            total = 0.0
+            for k in range(t, n):
+                nv = float(v[i, k + 1]) if k + 1 < n else 0.0
+                total += (gamma * lam) ** (k - t) * (float(r[i, k]) + gamma * nv - float(v[i, k]))
+            adv[i][t] = total
+    return torch.tensor(adv)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_gae_matches_the_sum_of_discounted_deltas(seed):
+    _, _, _, _, mask = ragged(6, 7, seed)
+    g = torch.Generator().manual_seed(seed)
+    r, v = torch.randn(6, 7, generator=g) * mask, torch.randn(6, 7, generator=g)
+    adv, ret = A.gae(r, v, mask, gamma=0.9, lam=0.8)
+    assert torch.allclose(adv, ref_gae(r, v, mask, 0.9, 0.8), atol=1e-9)
+    assert torch.allclose(ret, (adv + v) * mask)
+
+
+def test_ppo_token_rewards_put_the_task_reward_on_the_last_token():
+    old, ref = torch.tensor([[-1.0, -2.0, -3.0]]), torch.tensor([[-1.5, -2.0, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    r = A.ppo_token_rewards(torch.tensor([2.0]), old, ref, mask, kl_coef=0.1)
+    assert torch.allclose(r, torch.tensor([[-0.05, 2.0, 0.0]]))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ppo_loss_matches_formula(seed):
+    logp, old, _, _, mask = ragged(5, 6, seed)
+    g = torch.Generator().manual_seed(seed + 10)
+    adv, values, old_values, returns = (torch.randn(5, 6, generator=g) for _ in range(4))
+    loss, st = A.ppo_loss(logp, old, adv, mask, values=values, old_values=old_values, returns=returns,
+                          eps_low=0.2, eps_high=0.2, value_clip=0.2, vf_coef=0.1)
+    pg, vf, n, clipped = 0.0, 0.0, 0, 0
+    for i in range(5):
+        for t in range(int(mask[i].sum())):
+            rho, a = math.exp(float(logp[i, t] - old[i, t])), float(adv[i, t])
+            u, c = rho * a, min(max(rho, 0.8), 1.2) * a
+            pg -= min(u, c)
+            clipped += c < u
+            v, vo, R = float(values[i, t]), float(old_values[i, t]), float(returns[i, t])
+            vc = vo + min(max(v - vo, -0.2), 0.2)
+            vf += 0.5 * max((v - R) ** 2, (vc - R) ** 2)
+            n += 1
+    assert loss.item() == pytest.approx(pg / n + 0.1 * vf / n, abs=1e-9)
+    assert st["loss/policy"] == pytest.approx(pg / n) and st["loss/value"] == pytest.approx(vf / n)
+    assert st["clip/frac"] == pytest.approx(clipped / n) and 0 < clipped < n
+
+
+def test_whiten_zero_mean_unit_std_over_mask():
+    x, _, _, _, mask = ragged(6, 8, 2)
+    w = A.whiten(x * 5 + 3, mask)
+    vals = w[mask.bool()]
+    assert vals.mean().abs() < 1e-9 and vals.std().item() == pytest.approx(1.0, abs=1e-6)
+    assert w[~mask.bool()].abs().max() == 0
+
+
+@pytest.mark.parametrize("name", ["gspo", "gspo_token", "grpo", "ppo"])
+def test_gradcheck(name):
+    logp, old, ref, adv, mask = ragged(3, 4, 11)
+    x = logp.clone().requires_grad_(True)
+    if name == "ppo":
+        g = torch.Generator().manual_seed(1)
+        tok_adv, old_v, ret = (torch.randn(3, 4, generator=g) for _ in range(3))
+        v = (old_v + 0.05 * torch.randn(3, 4, generator=g)).requires_grad_(True)
+        fn = lambda x, v: A.ppo_loss(x, old, tok_adv, mask, values=v, old_values=old_v, returns=ret)[0]  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, v))
+        return
+    kw = {"gspo": dict(eps_low=0.05, eps_high=0.05), "gspo_token": dict(eps_low=0.05, eps_high=0.05, variant="token"),
+          "grpo": dict(beta=0.04, ref_logp=ref)}[name]
+    fn = A.grpo_loss if name == "grpo" else A.gspo_loss
+    assert torch.autograd.gradcheck(lambda x: fn(x, old, adv, mask, **kw)[0], (x,))
+
+
+@pytest.mark.parametrize("name", ["gspo", "grpo"])
+def test_length_one_and_all_padding_rows(name):
+    # row 0: one token; row 1: all padding (counts as 0 in the mean over sequences, as TRL); row 2: three tokens
+    logp = torch.tensor([[-1.0, 0, 0], [5.0, 5.0, 5.0], [-1.0, -2.0, -0.5]])
+    old = torch.tensor([[-1.2, 0, 0], [0.0, 0.0, 0.0], [-1.1, -2.1, -0.4]])
+    mask = torch.tensor([[1.0, 0, 0], [0, 0, 0], [1, 1, 1]])
+    adv = torch.tensor([1.0, -3.0, -1.0])
+    fn = A.gspo_loss if name == "gspo" else A.grpo_loss
+    kw = dict(eps_low=0.1, eps_high=0.1) if name == "gspo" else dict(beta=0.0)
+    loss, st = fn(logp, old, adv, mask, **kw)
+    want, frac = (ref_gspo if name == "gspo" else
+                  lambda *a: ref_grpo(a[0], a[1], a[1], a[2], a[3], 0.2, 0.0))(logp[[0, 2]], old[[0, 2]], adv[[0, 2]],
+                                                                                  mask[[0, 2]], 0.1, 0.1)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(want * 2 / 3, abs=1e-9)
+    assert st["clip/frac"] == pytest.approx(frac) and st["tokens"] == 4
+    assert st["ratio/max"] < 1.5, "the padded row's ratio (e^5) must not enter the stats"

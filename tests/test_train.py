@@ -83,3 +83,14 @@ def test_one_update_changes_every_parameter(tiny):
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(saved[n])
+
+
+def test_ppo_run_logs_value_metrics_and_checkpoints_the_value_head(tmp_path):
+    run = tmp_path / "ppo"
+    out = gspo("train", *TINY, "algo=ppo", "trainer.steps=2", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = rows(run)[-1]
+    assert set(KEYS) <= set(last)
+    assert {"value/explained_variance", "value/mean", "returns/mean"} <= set(last) and last["loss/value"] > 0
+    state = torch.load(run / "checkpoints" / "step_000002" / "state.pt", weights_only=False)
+    assert "value_head.weight" in state["model"] and state["model"]["value_head.weight"].abs().sum() > 0
