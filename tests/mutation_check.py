@@ -1,0 +1,38 @@
+"""Break each objective in one small way and list the tests that catch it (issue #4).  python tests/mutation_check.py"""
+import subprocess, sys
+F = "gspo_cli/algorithms.py"
+orig = open(F).read()
+BREAKS = [
+ ("GSPO: no length normalisation (sum, not mean, of token log-ratios)",
+  "return ((logp - old_logp) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)",
+  "return ((logp - old_logp) * mask).sum(-1, keepdim=True)"),
+ ("GSPO: sign of the advantage flipped",
+  "loss, ratio, binding = clipped_surrogate(log_s, adv[:, None], eps_low, eps_high)",
+  "loss, ratio, binding = clipped_surrogate(log_s, -adv[:, None], eps_low, eps_high)"),
+ ("GRPO: token-sum instead of per-sequence token-mean",
+  "return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()",
+  "return (x * mask).sum(-1).mean()"),
+ ("GRPO: KL sign (k3 with the ratio inverted)",
+  "d = (ref_logp - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)",
+  "d = (logp - ref_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)"),
+ ("clip: max instead of min (pessimistic bound lost)",
+  "return -torch.minimum(unclipped, clipped), ratio, clipped < unclipped",
+  "return -torch.maximum(unclipped, clipped), ratio, clipped < unclipped"),
+ ("PPO: value loss without the clipped branch",
+  "value = 0.5 * token_mean(torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2), mask)",
+  "value = 0.5 * token_mean((values - returns) ** 2, mask)"),
+ ("PPO: GAE without lambda",
+  "carry = delta + gamma * lam * carry * nxt", "carry = delta + gamma * carry * nxt"),
+ ("group advantage: population std (N) instead of sample std (N-1)",
+  "centred = centred / (r.std(-1, keepdim=True) + eps)", "centred = centred / (r.std(-1, keepdim=True, unbiased=False) + eps)"),
+]
+try:
+    for name, a, b in BREAKS:
+        assert orig.count(a) == 1, name
+        open(F, "w").write(orig.replace(a, b))
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_algorithms.py",
+                              "tests/test_peer_trl.py"], capture_output=True, text=True).stdout
+        failed = sorted({l.split("::")[1].split("[")[0].split(" ")[0] for l in out.splitlines() if l.startswith("FAILED")})
+        print(f"- {name}: {len(failed)} tests fail: {', '.join(failed)}")
+finally:
+    open(F, "w").write(orig)
