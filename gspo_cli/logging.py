@@ -11,6 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 console = Console(stderr=True)
+PROGRESS_KEYS = {"reward/mean": "reward", "reward/accuracy": "acc", "eval/accuracy": "eval_acc", "clip/frac": "clip",
+                 "time/step": "s/step"}
 SUMMARY_KEYS = ("reward/mean", "reward/accuracy", "eval/accuracy", "clip/frac", "kl/ref", "entropy", "len/mean",
                 "grad/norm", "time/step")
 
@@ -53,9 +55,7 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
         self.history.append(row)
-        info = "  ".join(f"{k.split('/')[-1] if k != 'eval/accuracy' else 'eval_acc'}={metrics[k]:.3g}"
-                         for k in ("reward/mean", "reward/accuracy", "eval/accuracy", "clip/frac", "time/step")
-                         if k in metrics)
+        info = "  ".join(f"{label}={metrics[k]:.3g}" for k, label in PROGRESS_KEYS.items() if k in metrics)
         if self.progress is not None:
             self.progress.update(self.task, completed=step, info=info)
         else:

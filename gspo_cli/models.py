@@ -27,6 +27,9 @@ def smollm2_gguf() -> tuple[str, str]:
 
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the GGUF de-quantization bars would flood run logs
 
     if cfg.source == "hub":
         tok = AutoTokenizer.from_pretrained(_hub_location(cfg), local_files_only=_offline(cfg))
