@@ -49,9 +49,11 @@ def _resumed_config(cfg: DictConfig, state: dict, overrides: list[str]) -> DictC
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def train(cfg: DictConfig) -> None:
+    import torch
     from hydra.core.hydra_config import HydraConfig
 
     from . import checkpoint, loop
+    from .logging import console
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -72,12 +74,19 @@ def train(cfg: DictConfig) -> None:
                                      f"model={cfg.model.name}"]
         typed = config_mod.to_config(cfg)
         plain = OmegaConf.to_container(OmegaConf.structured(typed), resolve=True)
-        from .logging import console
         console.print(f"run dir: {run_dir}", highlight=False)
         loop.train(typed, run_dir, plain, resume_state=state)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except loop.Stop as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(e.code)
+    except torch.cuda.OutOfMemoryError as e:
+        print(f"error: out of GPU memory ({str(e).splitlines()[0][:120]}); reduce it with trainer.minibatches=<more>, "
+              "rollout.max_new_tokens=<fewer>, model.gradient_checkpointing=true, optim=adamw8bit, "
+              "trainer.prompts_per_step=<fewer> or a smaller model", file=sys.stderr)
+        sys.exit(4)
 
 
 def _one_line(e: Exception) -> str:

@@ -91,6 +91,7 @@ class TrainerConfig:
     eval_every: int = 10               # held-out eval at step 0, every N steps and at the end; 0 = never
     save_every: int = 10               # checkpoint every N steps and at the end
     keep_last: int = 2                 # checkpoints kept on disk
+    max_nonfinite: int = 3             # stop (with a checkpoint) after this many steps in a row with a skipped update
     log_ref_kl: bool = True            # keep a frozen reference to log kl/ref even when beta = 0
     device: str = "auto"               # auto | cpu | cuda
     threads: int = 0                   # torch CPU threads; 0 = torch's default
@@ -171,6 +172,7 @@ def validate(cfg: Config) -> Config:
     _check(t.save_every > 0, "trainer.save_every", t.save_every, "an integer > 0")
     _check(t.keep_last > 0, "trainer.keep_last", t.keep_last, "an integer > 0")
     _check(t.device in ("auto", "cpu", "cuda"), "trainer.device", t.device, "one of ['auto', 'cpu', 'cuda']")
+    _check(t.max_nonfinite >= 0, "trainer.max_nonfinite", t.max_nonfinite, "an integer >= 0")
     _check(t.threads >= 0, "trainer.threads", t.threads, "an integer >= 0")
     _check(cfg.task.eval_size >= 0, "task.eval_size", cfg.task.eval_size, "an integer >= 0")
     _check(cfg.task.format_reward >= 0, "task.format_reward", cfg.task.format_reward, "a float >= 0")

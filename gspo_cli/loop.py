@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,6 +26,22 @@ import torch
 from . import algorithms, checkpoint, models, rollout, tasks
 from .config import Config, ConfigError
 from .logging import RunLogger, console
+
+
+class Stop(Exception):
+    """The run stopped early on purpose (a signal, or too many non-finite steps), after saving a checkpoint."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def _catch_signals() -> dict:
+    """SIGTERM (SLURM pre-emption) and SIGINT: finish the current step, checkpoint, then stop."""
+    caught = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: caught.setdefault("signal", signum))
+    return caught
 
 
 def pick_device(name: str) -> torch.device:
@@ -185,6 +202,7 @@ def train(cfg: Config, run_dir: Path, config_dict: dict, resume_state: dict | No
                  "rng": checkpoint.rng_state(sample_gen, shuffle_gen)}
         checkpoint.save(run_dir, step, state, t.keep_last)
 
+    caught, bad_steps = _catch_signals(), 0
     if start == 0 and t.eval_every:
         log.log(evaluate(policy, tok, task, cfg, device), step=0)
     for step in range(start + 1, t.steps + 1):
@@ -239,7 +257,17 @@ def train(cfg: Config, run_dir: Path, config_dict: dict, resume_state: dict | No
         log.samples([{"step": step, "prompt": entries[i // G]["question"], "completion": completions[i],
                       "answer": entries[i // G]["answer"], "reward": scores[i]["reward"]}
                      for i in range(min(t.samples_per_step, len(completions)))])
-        if step % t.save_every == 0 or step == t.steps:
-            save(step)
+        bad_steps = bad_steps + 1 if stats["grad/nonfinite"] else 0
+        if step % t.save_every == 0 or step == t.steps or "signal" in caught or bad_steps > t.max_nonfinite:
+            save(step)  # skipped updates leave the weights as they were: this is the last good state
+        if "signal" in caught or bad_steps > t.max_nonfinite:
+            log.close()
+            if "signal" in caught:
+                name = signal.Signals(caught["signal"]).name
+                raise Stop(f"stopped by {name} after step {step}; checkpoint saved; continue with resume={run_dir}",
+                           128 + caught["signal"])
+            raise Stop(f"trainer.max_nonfinite={t.max_nonfinite} exceeded: {bad_steps} steps in a row had a non-finite "
+                       f"loss or gradient (last at step {step}); the last good weights are checkpointed in {run_dir}; "
+                       "lower optim.lr or check the rewards", 3)
     log.close()
     return log.history

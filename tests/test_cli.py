@@ -39,7 +39,7 @@ def test_cfg_job_and_help(tmp_path):
     out = gspo("train", "algo=grpo", "trainer.steps=7", "--cfg", "job", cwd=tmp_path)
     assert out.returncode == 0 and "name: grpo" in out.stdout and "steps: 7" in out.stdout
     help_ = gspo("train", "--help", cwd=tmp_path)
-    assert help_.returncode == 0 and "algo: grpo, gspo" in help_.stdout and "gspo train" in help_.stdout and "model:" in help_.stdout
+    assert help_.returncode == 0 and "algo: grpo, gspo, ppo" in help_.stdout and "gspo train" in help_.stdout and "model:" in help_.stdout
     top = gspo("--help", cwd=tmp_path)
     assert top.returncode == 0 and "train" in top.stdout
     bad = gspo("trian", cwd=tmp_path)
@@ -53,7 +53,7 @@ BAD = [
      "error: trainer.minibatches=3 is invalid: expected a divisor of prompts_per_step x group_size = 16"),
     (["task=nope"], "error: task='nope' is not a config option: expected one of "
                     "['arithmetic', 'gsm', 'reasoning_gym', 'zebra']"),
-    (["algo=ppo2"], "error: algo='ppo2' is not a config option: expected one of ['grpo', 'gspo']"),
+    (["algo=ppo2"], "error: algo='ppo2' is not a config option: expected one of ['grpo', 'gspo', 'ppo']"),
     (["trainer.steps=abc"],
      "error: trainer.steps='abc' is invalid: Value 'abc' of type 'str' could not be converted to Integer"),
     (["task.dataset=nope_ds"], "error: task.dataset='nope_ds' is not a reasoning-gym dataset"),
