@@ -1,7 +1,7 @@
 # Each target is a command a user could paste.
 PY ?= python3
 
-.PHONY: install test test-fast train mutants
+.PHONY: install test test-fast train mutants compare
 
 install:  ## torch 2.13.0 (CPU) first when no torch is present, then the project + dev extras + the embedded model
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
@@ -19,3 +19,8 @@ train:  ## the default run: GSPO on the embedded SmolLM2, arithmetic, CPU, offli
 
 mutants:  ## break each objective in one small way; every break must make a test fail
 	$(PY) tests/mutation_check.py
+
+SWEEP ?= multirun/compare/make-$(shell date +%Y%m%d-%H%M%S)
+compare:  ## the comparison sweep (GSPO, GRPO, PPO x 3 seeds, CPU-sized), then the table and plots in results/
+	gspo train +experiment=compare hydra.sweep.dir=$(SWEEP)
+	gspo compare $(SWEEP) compare.out=results

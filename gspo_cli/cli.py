@@ -18,7 +18,8 @@ from . import config as config_mod  # registers the schema in Hydra's ConfigStor
 from .config import ConfigError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-COMMANDS = {"train": "train a policy (Hydra app; `gspo train --help` lists the config groups)"}
+COMMANDS = {"train": "train a policy (Hydra app; `gspo train --help` lists the config groups)",
+            "compare": "results table and plots from run/sweep dirs: gspo compare DIR... [compare.out=results]"}
 
 
 def _run_dir(resume, default):
@@ -113,6 +114,14 @@ def main() -> None:
             print(f"error: unknown command {argv[0]!r}: expected one of {sorted(COMMANDS)}", file=sys.stderr)
             sys.exit(2)
         print("\n".join(lines))
+        return
+    if argv[0] == "compare":
+        from .compare import main as compare_main
+        try:
+            compare_main(argv[1:])
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1") if os.environ.get("GSPO_OFFLINE", "1") == "1" else None
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

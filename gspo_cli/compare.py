@@ -1,0 +1,211 @@
+"""`gspo compare DIR... [compare.out=results]`: turn finished runs into the results table and plots.
+
+Reads every run dir below the given dirs (a dir holding `metrics.jsonl` and `.hydra/config.yaml`), groups complete
+runs by algorithm and writes `compare.md`, `compare.csv` and one PNG per metric (mean over seeds, seed range
+shaded). Runs that stopped before `trainer.steps` are listed as incomplete and left out of every number.
+Column definitions: DESIGN §4 and README "Results".
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from .config import ConfigError
+
+PLOTS = {"reward/mean": "linear", "eval/accuracy": "linear", "clip/frac": "log", "kl/ref": "linear",
+         "entropy": "linear", "grad/norm": "linear"}
+COLUMNS = ["algorithm", "seeds", "reward improvement", "eval accuracy before → after", "clip frac (low / high)",
+           "KL to ref", "collapses", "non-finite steps", "grad-norm spike", "stability", "wall min/run"]
+
+
+@dataclass
+class Run:
+    path: Path
+    algo: str
+    seed: int
+    steps: int
+    rows: list = field(default_factory=list)
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of one metric; step 0 holds only the pre-training eval."""
+        pts = [(r["step"], r[key]) for r in self.rows if r.get(key) is not None]
+        return np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
+
+    @property
+    def complete(self) -> bool:
+        return any(r["step"] == self.steps and "reward/mean" in r for r in self.rows)
+
+
+def load_runs(dirs: list[str]) -> list[Run]:
+    runs = []
+    for d in dirs:
+        root = Path(d)
+        if not root.is_dir():
+            raise ConfigError(f"compare dir {d!r} does not exist: expected a run or sweep dir")
+        for metrics in sorted(root.rglob("metrics.jsonl")):
+            run_dir = metrics.parent
+            cfg_path = run_dir / ".hydra" / "config.yaml"
+            if not cfg_path.is_file():
+                continue
+            cfg = OmegaConf.load(cfg_path)
+            try:
+                rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ConfigError(f"metrics file {str(metrics)!r} is unreadable ({e}): expected one JSON object "
+                                  "per line as gspo train writes it") from None
+            runs.append(Run(run_dir, cfg.algo.name, int(cfg.seed), int(cfg.trainer.steps), rows))
+    if not runs:
+        raise ConfigError(f"compare dirs {dirs!r} hold no run: expected dirs with metrics.jsonl and .hydra/config.yaml")
+    return runs
+
+
+def collapses(reward: np.ndarray, window: int = 5, min_frac: float = 0.1) -> int:
+    """Count collapses (DESIGN §4): the reward's moving average falls more than 2σ below its running max and stays
+    there for at least `min_frac` of the steps. σ is the noise of one step's mean reward, estimated from the data as
+    std(r_t − r_{t−1})/√2 (a trend barely moves it), so that a drop counts only when it is twice what a step's
+    sampling noise gives — with few prompts per step that noise is far above std(rewards)/√batch."""
+    n = len(reward)
+    if n < window + 1:
+        return 0
+    ma = np.convolve(reward, np.ones(window) / window, mode="valid")                  # (n - window + 1,)
+    sigma = float(np.std(np.diff(reward), ddof=1)) / math.sqrt(2)
+    below = ma < np.maximum.accumulate(ma) - 2 * sigma - 1e-12
+    need, count, run = max(1, math.ceil(min_frac * n)), 0, 0
+    for b in below:
+        run = run + 1 if b else 0
+        count += run == need
+    return count
+
+
+def _edges_mean(y: np.ndarray) -> tuple[float, float]:
+    k = max(1, int(round(0.1 * len(y))))
+    return float(y[:k].mean()), float(y[-k:].mean())
+
+
+def run_stats(run: Run) -> dict:
+    _, reward = run.series("reward/mean")
+    _, ev = run.series("eval/accuracy")
+    _, clip = run.series("clip/frac")
+    _, norms = run.series("grad/norm")
+    _, kl = run.series("kl/ref")
+    first, last = _edges_mean(reward)
+    return {
+        "improvement": last - first,
+        "eval_before": float(ev[0]) if len(ev) else math.nan, "eval_after": float(ev[-1]) if len(ev) else math.nan,
+        "clip": float(clip.mean()), "clip_low": float(run.series("clip/frac_low")[1].mean()),
+        "clip_high": float(run.series("clip/frac_high")[1].mean()),
+        "kl": float(np.nanmean(kl)) if len(kl) else math.nan,
+        "collapses": collapses(reward),
+        "nonfinite": int((run.series("grad/nonfinite")[1] > 0).sum()),
+        "spike": float(norms.max() / max(np.median(norms), 1e-12)) if len(norms) else math.nan,
+        "wall_min": float(run.series("time/step")[1].sum() / 60),
+    }
+
+
+def _pm(xs: list[float], fmt: str = "{:+.3f}") -> str:
+    return f"{fmt.format(np.mean(xs))} ± {np.std(xs, ddof=1) if len(xs) > 1 else 0:.3f}"
+
+
+def table(runs: list[Run]) -> list[dict]:
+    out = []
+    for algo in sorted({r.algo for r in runs}):
+        stats = [run_stats(r) for r in runs if r.algo == algo]
+        s = {k: [x[k] for x in stats] for k in stats[0]}
+        stable = sum(s["collapses"]) == 0 and sum(s["nonfinite"]) == 0 and max(s["spike"]) < 10
+        out.append({
+            "algorithm": algo, "seeds": len(stats),
+            "reward improvement": _pm(s["improvement"]),
+            "eval accuracy before → after": f"{np.mean(s['eval_before']):.3f} → {np.mean(s['eval_after']):.3f}",
+            "clip frac (low / high)": f"{np.mean(s['clip']):.4f} ({np.mean(s['clip_low']):.4f} / "
+                                      f"{np.mean(s['clip_high']):.4f})",
+            "KL to ref": f"{np.mean(s['kl']):.4f}", "collapses": int(sum(s["collapses"])),
+            "non-finite steps": int(sum(s["nonfinite"])), "grad-norm spike": f"{max(s['spike']):.1f}x",
+            "stability": "stable" if stable else "unstable", "wall min/run": f"{np.mean(s['wall_min']):.1f}",
+        })
+    return out
+
+
+def plot(runs: list[Run], out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for key, scale in PLOTS.items():
+        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+        for algo in sorted({r.algo for r in runs}):
+            curves = [r.series(key) for r in runs if r.algo == algo]
+            curves = [c for c in curves if len(c[0])]
+            if not curves:
+                continue
+            n = min(len(c[0]) for c in curves)
+            x, ys = curves[0][0][:n], np.stack([c[1][:n] for c in curves])
+            if scale == "log":
+                ys = np.clip(ys, 1e-5, None)
+            line, = ax.plot(x, ys.mean(0), label=f"{algo} (n={len(curves)})", marker="o" if key.startswith("eval")
+                            else None, ms=3)
+            if len(curves) > 1:
+                ax.fill_between(x, ys.min(0), ys.max(0), alpha=0.2, color=line.get_color())
+        ax.set_yscale(scale)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"{key.replace('/', '_')}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(args: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    opts = dict(a.split("=", 1) for a in args if "=" in a)
+    dirs = [a for a in args if "=" not in a]
+    unknown = set(opts) - {"compare.out", "compare.source"}
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]} is not a compare option: expected compare.out=DIR or "
+                          "compare.source=metrics")
+    if opts.get("compare.source", "metrics") != "metrics":
+        raise ConfigError(f"compare.source={opts['compare.source']!r} is not supported yet: expected 'metrics' "
+                          "(W&B runs are read back from their offline dirs' metrics.jsonl twins)")
+    if not dirs:
+        raise ConfigError("gspo compare needs at least one run or sweep dir: gspo compare multirun/...")
+    out = Path(opts.get("compare.out", "results"))
+    out.mkdir(parents=True, exist_ok=True)
+    runs = load_runs(dirs)
+    done, incomplete = [r for r in runs if r.complete], [r for r in runs if not r.complete]
+    if not done:
+        raise ConfigError(f"no complete run under {dirs!r}: all {len(runs)} stopped before trainer.steps")
+    rows = table(done)
+    with open(out / "compare.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    md += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
+    if incomplete:
+        md += ["", "Incomplete runs (left out): " + ", ".join(
+            f"`{r.path}` ({r.algo}, seed {r.seed}, {max((x['step'] for x in r.rows), default=0)}/{r.steps} steps)"
+            for r in incomplete)]
+    (out / "compare.md").write_text("\n".join(md) + "\n")
+    pngs = plot(done, out)
+    console = Console()
+    t = Table(title=f"{len(done)} complete runs ({len(incomplete)} incomplete)")
+    for c in COLUMNS:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*(str(r[c]) for c in COLUMNS))
+    console.print(t)
+    for r in incomplete:
+        console.print(f"incomplete, left out: {r.path} ({r.algo}, seed {r.seed})", highlight=False)
+    console.print(f"wrote {out / 'compare.md'}, {out / 'compare.csv'} and {len(pngs)} plots in {out}", highlight=False)
