@@ -1,0 +1,171 @@
+"""Side-by-side speed and memory: our `gspo train` vs TRL's GRPOTrainer (GSPO or GRPO mode) on the identical workload.
+
+Same GGUF model (SmolLM2-135M-Instruct), same prompts in the same order (our task stream, fed to TRL unshuffled),
+same chat template and reward (our verifier), same group size, max new tokens, temperature, optimizer (AdamW, fp32),
+lr, updates per rollout, threads; no reference model on either side (beta = 0) and no gradient checkpointing.
+Each side runs in its own subprocess, one after the other; the figures are medians over rollouts 2..N.
+
+    python bench/vs_trl.py                         # gspo and grpo, on-policy and 4 minibatches (~25 min on 2 cores)
+    python bench/vs_trl.py --algos gspo --minibatches 1 --steps 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+EPS = {"gspo": (3e-4, 4e-4, "sequence"), "grpo": (0.2, 0.2, "token")}
+
+
+def run_ours(a, algo, mb, out: Path) -> dict:
+    cmd = ["gspo", "train", f"algo={algo}", f"trainer.steps={a.steps}", f"trainer.prompts_per_step={a.prompts}",
+           f"algo.group_size={a.group}", f"rollout.max_new_tokens={a.max_new}", f"trainer.minibatches={mb}",
+           "trainer.eval_every=0", "trainer.log_ref_kl=false", "algo.beta=0", "logger.wandb.mode=disabled",
+           f"optim.lr={a.lr}", "optim.warmup_steps=0", f"trainer.save_every={a.steps + 1}", f"seed={a.seed}",
+           f"trainer.threads={a.threads}", f"hydra.run.dir={out}"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    r = rows[1:] or rows
+    gen = sum(x["len/mean"] * a.prompts * a.group for x in r)
+    return {"s_step": statistics.median(x["time/step"] for x in r),
+            "rollout_s": statistics.median(x["time/rollout"] for x in r),
+            "update_s": statistics.median(x["time/update"] for x in r),
+            "gen_tok_s": gen / sum(x["time/rollout"] for x in r), "train_tok_s": gen / sum(x["time/update"] for x in r),
+            "reward": statistics.mean(x["reward/mean"] for x in rows),
+            "clip": statistics.mean(x["clip/frac"] for x in rows)}
+
+
+def trl_side(a, algo, mb, out: Path) -> None:
+    """Runs inside its own process: TRL GRPOTrainer on our prompts and reward; writes figures to out/trl.json."""
+    for k, v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}.items():
+        os.environ.setdefault(k, v)
+    import datasets
+    import torch
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from gspo_cli import models, tasks
+    from gspo_cli.config import Config
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = Config()
+    tok = models.load_tokenizer(cfg.model)
+    model = models.load_policy(cfg.model, tok, torch.device("cpu"))
+    task = tasks.build_task(cfg.task, a.seed)
+    entries, _ = task.next_batch(0, a.steps * a.prompts)                 # the same stream, in the same order
+    ds = datasets.Dataset.from_list([{"prompt": task.messages(e), "idx": i} for i, e in enumerate(entries)])
+    gen = {"tokens": 0, "s": 0.0}
+
+    def reward(completions, idx, completion_ids=None, **_):
+        gen["tokens"] += sum(len(c) for c in completion_ids or [])
+        return [task.score(entries[i], c[-1]["content"])["reward"] for c, i in zip(completions, idx)]
+
+    orig = model.generate
+
+    def timed(*args, **kw):
+        t = time.perf_counter()
+        res = orig(*args, **kw)
+        gen["s"] += time.perf_counter() - t
+        return res
+
+    model.generate = timed
+    eps_low, eps_high, level = EPS[algo]
+    per_rollout = a.prompts * a.group
+    targs = GRPOConfig(output_dir=str(out / "trl"), use_cpu=True, bf16=False, seed=a.seed, max_steps=a.steps * mb,
+                       per_device_train_batch_size=per_rollout // mb, gradient_accumulation_steps=1,
+                       steps_per_generation=mb, num_generations=a.group, max_completion_length=a.max_new,
+                       temperature=1.0, learning_rate=a.lr, lr_scheduler_type="constant", optim="adamw_torch",
+                       beta=0.0, epsilon=eps_low, epsilon_high=eps_high, importance_sampling_level=level,
+                       loss_type="grpo", gradient_checkpointing=False, shuffle_dataset=False, report_to="none",
+                       logging_steps=1, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
+    times, logs_seen = [], []
+
+    class Probe(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            times.append(time.perf_counter() - self.t)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs:
+                logs_seen.append(logs)
+
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=targs, train_dataset=ds, processing_class=tok,
+                          callbacks=[Probe()])
+    trainer.train()
+    per = [sum(times[i:i + mb]) for i in range(0, len(times), mb)]         # one rollout = mb optimizer steps
+    rewards = [x["reward"] for x in logs_seen if "reward" in x]
+    clips = [x.get("clip_ratio/region_mean", 0.0) for x in logs_seen if "loss" in x]
+    (out / "trl.json").write_text(json.dumps({
+        "s_step": statistics.median(per[1:] or per), "rollout_s": gen["s"] / a.steps,
+        "update_s": statistics.median(per[1:] or per) - gen["s"] / a.steps,
+        "gen_tok_s": gen["tokens"] / max(gen["s"], 1e-9),
+        "train_tok_s": gen["tokens"] / max(sum(per) - gen["s"], 1e-9),
+        "reward": statistics.mean(rewards) if rewards else float("nan"),
+        "clip": statistics.mean(clips) if clips else float("nan")}))
+
+
+# Each side runs under this wrapper, which prints the peak RSS of its largest descendant (our CLI is a grandchild).
+PEAK_RSS = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--algos", default="gspo,grpo")
+    p.add_argument("--minibatches", default="1,4")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--group", type=int, default=4)
+    p.add_argument("--max-new", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--side", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--mb", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.side:  # a child: one side of one configuration
+        out = Path(a.out)
+        if a.side == "trl":
+            trl_side(a, a.algos, a.mb, out)
+        else:
+            (out / "ours.json").write_text(json.dumps(run_ours(a, a.algos, a.mb, out / "run")))
+        return
+    print(f"workload: SmolLM2-135M-Instruct fp32 CPU, {a.prompts} prompts x {a.group} generations, <= {a.max_new} new "
+          f"tokens, T=1.0, AdamW lr {a.lr}, beta 0, {a.steps} rollouts (medians over 2..N), {a.threads} threads, "
+          f"chain_sum 2x1-digit, same prompts in the same order; each side in its own process, TRL second")
+    hdr = f"{'config':18s} {'side':5s} {'s/step':>7s} {'rollout':>8s} {'update':>7s} {'gen tok/s':>9s} " \
+          f"{'train tok/s':>11s} {'RSS MiB':>8s} {'reward':>7s} {'clip':>7s}"
+    print(hdr)
+    for algo in a.algos.split(","):
+        for mb in map(int, a.minibatches.split(",")):
+            res = {}
+            for side in ("ours", "trl"):
+                with tempfile.TemporaryDirectory() as d:
+                    base = [sys.executable, __file__, "--side", side, "--algos", algo, "--mb", str(mb), "--out", d,
+                            *(f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
+                              if k in ("steps", "prompts", "group", "max_new", "lr", "seed", "threads"))]
+                    out = subprocess.run([sys.executable, "-c", PEAK_RSS, *base], check=True, capture_output=True,
+                                         text=True).stdout
+                    rss = int(out.split()[-1]) // 1024
+                    res[side] = json.loads((Path(d) / f"{side}.json").read_text()) | {"rss": rss}
+                r = res[side]
+                print(f"{algo + ' mb=' + str(mb):18s} {side:5s} {r['s_step']:7.2f} {r['rollout_s']:8.2f} "
+                      f"{r['update_s']:7.2f} {r['gen_tok_s']:9.1f} {r['train_tok_s']:11.1f} {r['rss']:8d} "
+                      f"{r['reward']:7.3f} {r['clip']:7.4f}", flush=True)
+            o, t = res["ours"], res["trl"]
+            print(f"{algo + ' mb=' + str(mb):18s} ratio ours/TRL: s/step {o['s_step'] / t['s_step']:.2f}  "
+                  f"gen tok/s {o['gen_tok_s'] / t['gen_tok_s']:.2f}x  peak RSS {o['rss'] / t['rss']:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
