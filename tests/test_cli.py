@@ -51,6 +51,10 @@ BAD = [
     (["algo.group_size=1"], "error: algo.group_size=1 is invalid: expected an integer >= 2 (group advantages)"),
     (["trainer.minibatches=3"],
      "error: trainer.minibatches=3 is invalid: expected a divisor of prompts_per_step x group_size = 16"),
+    (["optim.lr=0"], "error: optim.lr=0.0 is invalid: expected a float > 0"),
+    (["rollout.temperature=0"], "error: rollout.temperature=0.0 is invalid: expected a float > 0"),
+    (["rollout.max_new_tokens=0"], "error: rollout.max_new_tokens=0 is invalid: expected an integer > 0"),
+    (["algo.eps_low=-0.1"], "error: algo.eps_low=-0.1 is invalid: expected a float >= 0"),
     (["task=nope"], "error: task='nope' is not a config option: expected one of "
                     "['arithmetic', 'gsm', 'reasoning_gym', 'zebra']"),
     (["algo=ppo2"], "error: algo='ppo2' is not a config option: expected one of ['grpo', 'gspo', 'ppo']"),

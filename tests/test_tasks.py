@@ -57,3 +57,13 @@ def test_bad_task_is_one_line(dataset, params, match):
     with pytest.raises(ConfigError, match=match) as e:
         tasks.build_task(TaskConfig(dataset=dataset, params=params), 0)
     assert "\n" not in str(e.value)
+
+
+def test_a_verifier_that_raises_scores_zero_and_is_counted(monkeypatch):
+    task = tasks.build_task(TaskConfig(dataset="chain_sum", params=ARITH, eval_size=2), 0)
+
+    def broken(answer, entry):
+        raise ValueError("malformed answer")  # what some reasoning-gym verifiers do on junk
+    monkeypatch.setattr(task.train, "score_answer", broken)
+    assert task.score(task.eval_entries[0], "<answer>junk</answer>") == {"reward": 0.0, "correct": 0.0,
+                                                                          "format": 1.0, "error": 1.0}
