@@ -43,7 +43,7 @@ def test_cfg_job_and_help(tmp_path):
     top = gspo("--help", cwd=tmp_path)
     assert top.returncode == 0 and "train" in top.stdout
     bad = gspo("trian", cwd=tmp_path)
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: unknown command 'trian': expected one of ['train']"
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: unknown command 'trian': expected one of ['compare', 'train']"
 
 
 BAD = [
