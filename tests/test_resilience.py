@@ -79,7 +79,29 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     assert checkpoint.latest(run).name == f"step_{last:06d}" and last < 50
 
 
-def test_a_kill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
+def test_kill_9_in_the_middle_of_a_real_save_then_resume(tmp_path):
+    """A model big enough (~60 M params, ~0.7 GB with AdamW state) that a save takes a while: kill -9 the moment the
+    temporary checkpoint dir of step 2 appears; step 1's checkpoint must load, and resume must finish the run."""
+    run = tmp_path / "run"
+    big = [*TINY, "model.tiny_hidden=512", "model.tiny_layers=8", "trainer.steps=3", "trainer.eval_every=0",
+           "logger.wandb.mode=disabled", f"hydra.run.dir={run}"]
+    proc = popen(big, tmp_path)
+    tmp = run / "checkpoints" / ".tmp_step_000002"
+    t0 = time.time()
+    while not tmp.exists():
+        assert proc.poll() is None and time.time() - t0 < 300, "the save of step 2 was never seen"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(60)
+    assert not (run / "checkpoints" / "step_000002").exists(), "killed before the rename: step 2 is not complete"
+    assert checkpoint.latest(run).name == "step_000001" and checkpoint.load(run)["step"] == 1
+    res = popen([f"resume={run}"], tmp_path)
+    assert res.wait(600) == 0, res.stderr.read()[-3000:]
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3] and checkpoint.latest(run).name == "step_000003"
+    assert not tmp.exists()
+
+
+def test_debris_of_a_killed_save_is_ignored_then_replaced(tmp_path):
     checkpoint.save(tmp_path, 3, {"step": 3, "w": torch.ones(2)}, keep_last=2)
     # what a kill in the middle of saving step 6 leaves behind: a half-written temporary dir
     tmp = tmp_path / "checkpoints" / ".tmp_step_000006"
