@@ -1,7 +1,7 @@
 # Each target is a command a user could paste.
 PY ?= python3
 
-.PHONY: install test test-fast train mutants compare
+.PHONY: install test test-fast train mutants compare bench
 
 install:  ## torch 2.13.0 (CPU) first when no torch is present, then the project + dev extras + the embedded model
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
@@ -24,3 +24,6 @@ SWEEP ?= multirun/compare/make-$(shell date +%Y%m%d-%H%M%S)
 compare:  ## the comparison sweep (GSPO, GRPO, PPO x 3 seeds, CPU-sized), then the table and plots in results/
 	gspo train +experiment=compare hydra.sweep.dir=$(SWEEP)
 	gspo compare $(SWEEP) compare.out=results
+
+bench:  ## side-by-side speed and memory vs TRL's GRPOTrainer on the identical workload (~16 min on 2 cores)
+	$(PY) bench/vs_trl.py
