@@ -123,7 +123,6 @@ def main() -> None:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         return
-    os.environ.setdefault("HF_HUB_OFFLINE", "1") if os.environ.get("GSPO_OFFLINE", "1") == "1" else None
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.argv = ["gspo", *argv[1:]]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors reach us raw; we print them as one line

@@ -171,7 +171,9 @@ def train(cfg: Config, run_dir: Path, config_dict: dict, resume_state: dict | No
     if t.threads:
         torch.set_num_threads(t.threads)
     device = pick_device(t.device)
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
     task = tasks.build_task(cfg.task, cfg.seed)
     tok = models.load_tokenizer(cfg.model)
     policy = models.load_policy(cfg.model, tok, device, seed=cfg.seed)

@@ -1,0 +1,62 @@
+"""This machine's matmul rate and the FLOP-bound floor of a training step, next to what a run measured.
+
+    python bench/limits.py                        # matmul rates only
+    python bench/limits.py outputs/.../RUN_DIR    # + per-step floor vs measured time/step of that run
+
+Floor per step ≈ (2·N · generated tokens + 6·N · trained tokens) / peak rate, with N the parameter count including
+the LM head (SmolLM2-135M: 134.5 M, embeddings tied) and trained tokens = response tokens × epochs (the issue's
+estimate: prompt tokens also pass the trunk, so the true floor is somewhat higher).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+
+def rate(m: int, k: int, n: int, dtype=torch.float32, device="cpu", seconds: float = 2.0) -> float:
+    a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * m * k * n * reps / (time.perf_counter() - t0)
+
+
+def main():
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    shapes = {"square 2048^3": (2048, 2048, 2048), "decode 16x576 @ 576x1536 (SmolLM2 MLP, 16 rows)": (16, 576, 1536),
+              "LM head 16x576 @ 576x49152": (16, 576, 49152), "train 1760x576 @ 576x1536 (16 x 110 tokens)":
+              (1760, 576, 1536)}
+    rates = {name: rate(*s) for name, s in shapes.items()}
+    for name, r in rates.items():
+        print(f"fp32 {name:55s} {r / 1e9:8.1f} GFLOP/s")
+    if torch.cuda.is_available():
+        print(f"bf16 cuda square 8192^3 {rate(8192, 8192, 8192, torch.bfloat16, 'cuda') / 1e12:.1f} TFLOP/s")
+    if len(sys.argv) < 2:
+        return
+    run = Path(sys.argv[1])
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "time/step" in r][1:]
+    n_params, peak = 134.5e6, rates["square 2048^3"]
+    batch = cfg.trainer.prompts_per_step * cfg.algo.group_size
+    fracs = []
+    for r in rows:
+        gen = r["len/mean"] * batch
+        floor = (2 * n_params * gen + 6 * n_params * gen * cfg.trainer.epochs) / peak
+        fracs.append(floor / r["time/step"])
+    print(f"run {run}: median time/step {statistics.median(r['time/step'] for r in rows):.2f} s; FLOP floor at the "
+          f"square-matmul rate is {statistics.median(fracs):.1%} of it (median over {len(rows)} steps)")
+
+
+if __name__ == "__main__":
+    main()
