@@ -17,7 +17,6 @@ import math
 import random
 import signal
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -153,8 +152,7 @@ def ppo_targets(policy, roll, rewards, ref_logp, cfg: Config):
     """PPO only: the rollout policy's values (one extra no-grad forward), KL-shaped token rewards, GAE advantages
     (whitened over the batch's response tokens) and returns. -> adv (B, T), (old_values, returns), metrics."""
     a = cfg.algo
-    _, old_values = rollout.token_logps(policy, roll.prompt_ids, roll.prompt_mask, roll.ids, roll.mask,
-                                        cfg.rollout.temperature, with_values=True)                  # (B, T)
+    old_values = rollout.values(policy, roll.prompt_ids, roll.prompt_mask, roll.ids, roll.mask)       # (B, T)
     token_r = algorithms.ppo_token_rewards(rewards, roll.logp, ref_logp, roll.mask, a.kl_coef)      # (B, T)
     adv, returns = algorithms.gae(token_r, old_values, roll.mask, a.gamma, a.lam)                   # (B, T) x2
     m = roll.mask.bool()
@@ -260,9 +258,10 @@ def train(cfg: Config, run_dir: Path, config_dict: dict, resume_state: dict | No
                       "answer": entries[i // G]["answer"], "reward": scores[i]["reward"]}
                      for i in range(min(t.samples_per_step, len(completions)))])
         bad_steps = bad_steps + 1 if stats["grad/nonfinite"] else 0
-        if step % t.save_every == 0 or step == t.steps or "signal" in caught or bad_steps > t.max_nonfinite:
+        stop = "signal" in caught or bad_steps > t.max_nonfinite
+        if step % t.save_every == 0 or step == t.steps or stop:
             save(step)  # skipped updates leave the weights as they were: this is the last good state
-        if "signal" in caught or bad_steps > t.max_nonfinite:
+        if stop:
             log.close()
             if "signal" in caught:
                 name = signal.Signals(caught["signal"]).name

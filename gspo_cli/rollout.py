@@ -92,6 +92,23 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: 
                    torch.stack(logps, 1), torch.stack(ents, 1), done)
 
 
+def _response_hidden(model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+    """Last hidden state at the T positions that predict the response tokens (teacher-forced): (B, T, H)."""
+    T = ids.shape[1]
+    full_ids = torch.cat([prompt_ids, ids], dim=1)                    # (B, P + T)
+    attn = torch.cat([prompt_mask.long(), mask.long()], dim=1)        # (B, P + T)
+    return model.get_decoder()(input_ids=full_ids, attention_mask=attn,
+                               position_ids=positions(attn)).last_hidden_state[:, -T - 1:-1]
+
+
+def _values(model, hidden: Tensor, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+    """The PPO critic's V(s_t) (B, T): the value head on `hidden` (shared trunk) or on the critic's own trunk."""
+    critic = getattr(model, "critic", None)
+    if critic is not None:
+        hidden = _response_hidden(critic, prompt_ids, prompt_mask, ids, mask)                    # (B, T, H)
+    return (model if critic is None else critic).value_head(hidden).squeeze(-1).float() * mask  # (B, T)
+
+
 def token_logps(model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor,
                 temperature: float = 1.0, with_values: bool = False):
     """log softmax(logits / temperature)[token] of each response token, teacher-forced: (B, T) in fp32.
@@ -100,24 +117,20 @@ def token_logps(model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mas
     minus a row-wise logsumexp, so no [B, T, V] log-softmax is kept for backward. With `with_values`, also the
     PPO critic's V(s_t) at the same positions (B, T): returns (logp, values).
     """
-    T = ids.shape[1]
-    full_ids = torch.cat([prompt_ids, ids], dim=1)                    # (B, P + T)
-    attn = torch.cat([prompt_mask.long(), mask.long()], dim=1)        # (B, P + T)
-    pos = positions(attn)
-
-    def trunk(m):                                                     # last hidden state before each response token
-        return m.get_decoder()(input_ids=full_ids, attention_mask=attn, position_ids=pos).last_hidden_state[:, -T - 1:-1]
-
-    hidden = trunk(model)                                             # (B, T, H)
+    hidden = _response_hidden(model, prompt_ids, prompt_mask, ids, mask)         # (B, T, H)
     logits = model.get_output_embeddings()(hidden).float() / temperature        # (B, T, V)
     chosen = logits.gather(-1, ids[..., None]).squeeze(-1)            # (B, T)
     logp = (chosen - logits.logsumexp(-1)) * mask                     # (B, T)
     if not with_values:
         return logp
+    return logp, _values(model, hidden, prompt_ids, prompt_mask, ids, mask)
+
+
+def values(model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+    """The PPO critic's V(s_t) alone (B, T): one trunk pass, no LM head."""
     critic = getattr(model, "critic", None)
-    h = hidden if critic is None else trunk(critic)                   # (B, T, H)
-    values = (model if critic is None else critic).value_head(h).squeeze(-1).float() * mask          # (B, T)
-    return logp, values
+    hidden = None if critic is not None else _response_hidden(model, prompt_ids, prompt_mask, ids, mask)
+    return _values(model, hidden, prompt_ids, prompt_mask, ids, mask)
 
 
 def trim(prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor):
