@@ -22,14 +22,19 @@ COMMANDS = {"train": "train a policy (Hydra app; `gspo train --help` lists the c
             "compare": "results table and plots from run/sweep dirs: gspo compare DIR... [compare.out=results]"}
 
 
+def _resumes_into(resume) -> bool:
+    """`resume=<existing dir>` continues in that dir; `resume=auto` (or a bad path, refused later) does not."""
+    return resume not in (None, "auto") and os.path.isdir(resume)
+
+
 def _run_dir(resume, default):
     """hydra.run.dir: a resumed run continues in its own dir; `resume=auto` keeps the new (or requeued) dir."""
-    return resume if resume not in (None, "auto") and os.path.isdir(resume) else default
+    return resume if _resumes_into(resume) else default
 
 
 def _output_subdir(resume):
     """Keep the original .hydra/ of a resumed run; the resume's own composed config goes beside it."""
-    return ".hydra/resume" if resume not in (None, "auto") and os.path.isdir(resume) else ".hydra"
+    return ".hydra/resume" if _resumes_into(resume) else ".hydra"
 
 
 OmegaConf.register_new_resolver("gspo_run_dir", _run_dir, replace=True)

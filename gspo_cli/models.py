@@ -29,7 +29,7 @@ def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # the GGUF de-quantization bars would flood run logs
+    hf_logging.disable_progress_bar()  # transformers' weight-loading bars; the GGUF loader's own tqdm bar still shows
 
     if cfg.source == "hub":
         tok = AutoTokenizer.from_pretrained(_hub_location(cfg), local_files_only=_offline(cfg))

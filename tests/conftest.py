@@ -36,8 +36,10 @@ def tiny():
     return models.load_policy(cfg, tok, torch.device("cpu")), tok
 
 
-def gspo(*args, cwd, timeout=600, env=None):
+GSPO = str(Path(sys.executable).with_name("gspo"))   # the installed console script
+ENV = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+
+
+def gspo(*args, cwd, timeout=600):
     """Run the real console script; returns CompletedProcess with text stdout/stderr."""
-    e = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", **(env or {})}
-    exe = Path(sys.executable).with_name("gspo")
-    return subprocess.run([str(exe), *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([GSPO, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)

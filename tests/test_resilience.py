@@ -5,19 +5,16 @@ checkpoints and exits, a kill during a save leaves the last checkpoint usable, n
 """
 import json
 import math
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from conftest import TINY
+from conftest import ENV, GSPO, TINY
 from gspo_cli import algorithms as A, checkpoint
 
 TIMING = {"time/rollout", "time/update", "time/step", "tokens_per_s"}
@@ -25,9 +22,9 @@ RUN = [*TINY, "trainer.steps=5", "trainer.eval_every=3"]
 
 
 def popen(args, cwd):
-    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([str(Path(sys.executable).with_name("gspo")), "train", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """`gspo train ARGS` running in the background, so a test can signal it."""
+    return subprocess.Popen([GSPO, "train", *args], cwd=cwd, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def metrics(run):
