@@ -122,11 +122,12 @@ def grpo_loss(logp, old_logp, adv, mask, *, eps_low=0.2, eps_high=0.2, beta=0.04
     return AGGREGATIONS[loss_agg](loss_tok, mask), stats
 
 
-def whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
-    """(x − mean) / std over the masked elements, unbiased variance (verl `masked_whiten`). (B, T) -> (B, T)."""
-    n = mask.sum()
-    mean = (x * mask).sum() / n.clamp(min=1)
-    var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)
+def whiten(x: Tensor, mask: Tensor, eps: float = 1e-8, total=lambda v: v) -> Tensor:
+    """(x − mean) / std over the masked elements, unbiased variance (verl `masked_whiten`). (B, T) -> (B, T).
+    `total` sums a scalar over data-parallel ranks, so K ranks whiten with the statistics of the global batch."""
+    n = total(mask.sum())
+    mean = total((x * mask).sum()) / n.clamp(min=1)
+    var = total((((x - mean) * mask) ** 2).sum()) / (n - 1).clamp(min=1)
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 

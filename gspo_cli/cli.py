@@ -58,11 +58,12 @@ def train(cfg: DictConfig) -> None:
     import torch
     from hydra.core.hydra_config import HydraConfig
 
-    from . import checkpoint, loop
+    from . import checkpoint, distributed, loop
     from .logging import console
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    world = distributed.world_size_from_env()
     try:
         state = None
         if cfg.resume == "auto":
@@ -73,14 +74,20 @@ def train(cfg: DictConfig) -> None:
             state = checkpoint.load(cfg.resume)
         if state is not None:
             cfg = _resumed_config(cfg, state, list(hc.overrides.task))
+        if world > 1:
+            _check_shared_run_dir(hc, cfg)
+            cfg.trainer.devices = world
         if cfg.logger.wandb.group is None and hc.mode.name == "MULTIRUN":
             cfg.logger.wandb.group = Path(hc.sweep.dir).name
         if not cfg.logger.wandb.tags:
             cfg.logger.wandb.tags = [f"algo={cfg.algo.name}", f"seed={cfg.seed}", f"task={cfg.task.name}",
                                      f"model={cfg.model.name}"]
         typed = config_mod.to_config(cfg)
+        if world == 1 and typed.trainer.devices > 1:
+            sys.exit(_relaunch_under_torchrun(typed.trainer.devices, list(hc.overrides.task), run_dir))
         plain = OmegaConf.to_container(OmegaConf.structured(typed), resolve=True)
-        console.print(f"run dir: {run_dir}", highlight=False)
+        if os.environ.get("RANK", "0") == "0":
+            console.print(f"run dir: {run_dir}", highlight=False)
         loop.train(typed, run_dir, plain, resume_state=state)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -93,6 +100,28 @@ def train(cfg: DictConfig) -> None:
               "rollout.max_new_tokens=<fewer>, model.gradient_checkpointing=true, optim=adamw8bit, "
               "trainer.prompts_per_step=<fewer> or a smaller model", file=sys.stderr)
         sys.exit(4)
+
+
+def _relaunch_under_torchrun(devices: int, overrides: list[str], run_dir: Path) -> int:
+    """trainer.devices=K: the same command as K data-parallel ranks (torchrun, one machine), in this run dir."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
+           "-m", "gspo_cli.cli", "train", *[o for o in overrides if not o.startswith("hydra.run.dir=")],
+           f"hydra.run.dir={run_dir}"]
+    print(f"launching {devices} ranks: {' '.join(cmd[1:])}", file=sys.stderr)
+    return subprocess.run(cmd).returncode
+
+
+def _check_shared_run_dir(hc, cfg) -> None:
+    """Under a bare torchrun every rank composes its own config: `${now:}` could name a different dir per rank."""
+    from hydra.types import RunMode
+
+    named = any(o.startswith("hydra.run.dir=") for o in [*hc.overrides.hydra, *hc.overrides.task]) \
+        or cfg.resume not in (None, "auto")
+    if hc.mode == RunMode.RUN and not named:
+        raise ConfigError("hydra.run.dir is unset under torchrun: expected hydra.run.dir=DIR so that every rank "
+                          "uses one run dir (or launch with trainer.devices=K, which sets it)")
 
 
 def _one_line(e: Exception) -> str:

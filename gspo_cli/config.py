@@ -37,7 +37,11 @@ class AlgoConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = 0                         # 0 = full fine-tuning (LoRA arrives with the GPU issue)
+    r: int = 0                         # 0 = full fine-tuning; > 0: PEFT LoRA adapters of this rank, base frozen
+    alpha: int = 32                    # LoRA scaling alpha / r
+    dropout: float = 0.0
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                          "gate_proj", "up_proj", "down_proj"])
 
 
 @dataclass
@@ -94,6 +98,8 @@ class TrainerConfig:
     max_nonfinite: int = 3             # stop (with a checkpoint) after this many steps in a row with a skipped update
     log_ref_kl: bool = True            # keep a frozen reference to log kl/ref even when beta = 0
     device: str = "auto"               # auto | cpu | cuda
+    precision: str = "fp32"            # fp32 | bf16 (autocast forwards; master weights, log-probs and loss in fp32)
+    devices: int = 1                   # > 1: re-launch under torchrun with this many data-parallel ranks
     threads: int = 0                   # torch CPU threads; 0 = torch's default
     samples_per_step: int = 4          # completions written to samples.jsonl per step
 
@@ -154,7 +160,10 @@ def validate(cfg: Config) -> Config:
     _check(a.loss_agg in LOSS_AGGS, "algo.loss_agg", a.loss_agg, f"one of {list(LOSS_AGGS)}")
     _check(m.source in ("gguf", "hub", "tiny"), "model.source", m.source, "one of ['gguf', 'hub', 'tiny']")
     _check(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype, "'float32' or 'bfloat16'")
-    _check(m.lora.r == 0, "model.lora.r", m.lora.r, "0 (LoRA is not implemented yet)")
+    _check(m.lora.r >= 0, "model.lora.r", m.lora.r, "an integer >= 0 (0 = full fine-tuning)")
+    _check(m.lora.r == 0 or a.critic == "shared", "algo.critic", a.critic,
+           "'shared' with model.lora.r > 0 (the LoRA reference is the base with adapters off; one trunk only)")
+    _check(bool(m.lora.target_modules), "model.lora.target_modules", m.lora.target_modules, "a non-empty list")
     _check(o.name in ("adamw", "adamw8bit"), "optim.name", o.name, "'adamw' or 'adamw8bit'")
     _check(o.lr > 0, "optim.lr", o.lr, "a float > 0")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "an integer >= 0")
@@ -164,14 +173,18 @@ def validate(cfg: Config) -> Config:
     _check(t.steps > 0, "trainer.steps", t.steps, "an integer > 0")
     _check(t.prompts_per_step > 0, "trainer.prompts_per_step", t.prompts_per_step, "an integer > 0")
     _check(t.epochs > 0, "trainer.epochs", t.epochs, "an integer > 0")
-    batch = t.prompts_per_step * a.group_size
+    batch = t.prompts_per_step // max(t.devices, 1) * a.group_size
     _check(t.minibatches > 0 and batch % t.minibatches == 0, "trainer.minibatches", t.minibatches,
-           f"a divisor of prompts_per_step x group_size = {batch}")
+           f"a divisor of prompts_per_step x group_size = {batch}" + (f" per rank of {t.devices}" if t.devices > 1 else ""))
     _check(t.max_grad_norm > 0, "trainer.max_grad_norm", t.max_grad_norm, "a float > 0")
     _check(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "an integer >= 0")
     _check(t.save_every > 0, "trainer.save_every", t.save_every, "an integer > 0")
     _check(t.keep_last > 0, "trainer.keep_last", t.keep_last, "an integer > 0")
     _check(t.device in ("auto", "cpu", "cuda"), "trainer.device", t.device, "one of ['auto', 'cpu', 'cuda']")
+    _check(t.precision in ("fp32", "bf16"), "trainer.precision", t.precision, "'fp32' or 'bf16'")
+    _check(t.devices >= 1, "trainer.devices", t.devices, "an integer >= 1")
+    _check(t.prompts_per_step % t.devices == 0, "trainer.prompts_per_step", t.prompts_per_step,
+           f"a multiple of trainer.devices={t.devices} (each rank takes whole prompt groups)")
     _check(t.max_nonfinite >= 0, "trainer.max_nonfinite", t.max_nonfinite, "an integer >= 0")
     _check(t.threads >= 0, "trainer.threads", t.threads, "an integer >= 0")
     _check(cfg.task.eval_size >= 0, "task.eval_size", cfg.task.eval_size, "an integer >= 0")

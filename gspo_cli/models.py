@@ -65,7 +65,53 @@ def load_policy(cfg: ModelConfig, tokenizer, device: torch.device, seed: int = 0
     model.config.use_cache = True
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.to(device)
+    model = model.to(device)
+    if cfg.lora.r > 0:
+        model = add_lora(model, cfg)
+    return model
+
+
+def add_lora(model, cfg: ModelConfig):
+    """PEFT LoRA (Hu et al. 2021, arXiv 2106.09685) on the attention/MLP projections; the base weights are frozen.
+    The reference policy is this same model inside `model.disable_adapter()`, so no second copy is kept."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in cfg.lora.target_modules if m not in present]
+    if missing:
+        raise ConfigError(f"model.lora.target_modules={list(cfg.lora.target_modules)} names modules that {cfg.name} "
+                          f"lacks: {missing}; expected Linear layer names such as {sorted(present & LINEARS)}")
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def trainable_state(model) -> dict:
+    """What a checkpoint keeps of the policy: every tensor with full fine-tuning; with LoRA the adapters and the
+    value head only (the frozen base is reloaded from its source on resume)."""
+    if not is_lora(model):
+        return model.state_dict()
+    keep = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in keep}
+
+
+def load_trainable_state(model, state: dict) -> None:
+    if not is_lora(model):
+        model.load_state_dict(state)
+        return
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if unexpected or trainable & set(missing):
+        raise ConfigError(f"resume: the checkpoint's adapters do not fit this model.lora config (missing "
+                          f"{sorted(trainable & set(missing))[:3]}, unexpected {sorted(unexpected)[:3]}): expected the "
+                          "same model.lora.r and target_modules as the run that wrote it")
 
 
 def add_value_head(model, separate: bool) -> None:

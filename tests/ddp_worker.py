@@ -1,0 +1,61 @@
+"""One update of the tiny model on a fixed 8-response batch, as 1 process or as one rank of `torchrun`.
+
+    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py ALGO LOSS_AGG OUT.pt
+
+Every rank generates the same global batch (same seed), keeps its own whole groups (rank r: rows 4r..4r+3),
+and runs the real `loop.update` through a DDP-wrapped scorer; rank 0 saves the gradients, the updated weights
+and the stats to OUT.pt. tests/test_distributed.py calls `run()` in-process (1 rank, the whole batch) and compares.
+"""
+import sys
+from dataclasses import replace
+
+import torch
+
+from gspo_cli import algorithms, distributed, loop, models, rollout
+from gspo_cli.config import Config, ModelConfig
+
+REWARDS = [1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0]   # two groups of 4: both with non-zero advantages
+
+
+def run(algo: str, loss_agg: str, ranks: distributed.Ranks) -> dict:
+    cfg = Config()
+    cfg.algo.name, cfg.algo.group_size, cfg.algo.loss_agg = algo, 4, loss_agg
+    cfg.algo.eps_low, cfg.algo.eps_high = (3e-4, 4e-4) if algo == "gspo" else (0.2, 0.2)
+    cfg.trainer.minibatches, cfg.optim.lr = 1, 1e-3
+    mcfg = ModelConfig(name="tiny", source="tiny")
+    tok = models.load_tokenizer(mcfg)
+    policy = models.load_policy(mcfg, tok, torch.device("cpu"), seed=0)
+    if algo == "ppo":
+        models.add_value_head(policy, separate=False)
+    enc = tok(["2 + 2 =", "what is 3 - 1?"], return_tensors="pt", padding=True)
+    roll = rollout.generate(policy, enc.input_ids.repeat_interleave(4, 0), enc.attention_mask.repeat_interleave(4, 0),
+                            max_new_tokens=8, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                            generator=torch.Generator().manual_seed(0))
+    rows = slice(4 * ranks.rank, 4 * ranks.rank + 8 // ranks.world)
+    roll = replace(roll, **{f: getattr(roll, f)[rows] for f in ("prompt_ids", "prompt_mask", "ids", "mask", "logp",
+                                                                 "entropy", "finished")})
+    rewards = torch.tensor(REWARDS)[rows]                                                   # (b,)
+    critic = None
+    if algo == "ppo":
+        adv, critic, _ = loop.ppo_targets(policy, roll, rewards, roll.logp - 0.01 * roll.mask, cfg, ranks)
+    else:
+        adv = algorithms.group_advantages(rewards, 4)                                       # (b,)
+    scorer = loop.Scorer(policy)
+    if ranks.world > 1:
+        scorer = torch.nn.parallel.DistributedDataParallel(scorer, broadcast_buffers=False)
+    opt = torch.optim.SGD(policy.parameters(), lr=cfg.optim.lr)  # (Adam's first step is ~lr·sign(g): ill-conditioned)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
+    stats = loop.update(policy, opt, sched, roll, adv, None, cfg, torch.Generator().manual_seed(1),
+                        loop.loss_kwargs(cfg), critic, scorer=scorer, ranks=ranks)
+    return {"grads": {n: p.grad.clone() for n, p in policy.named_parameters()},
+            "params": {n: p.detach().clone() for n, p in policy.named_parameters()}, "stats": stats}
+
+
+if __name__ == "__main__":
+    algo, agg, out = sys.argv[1:4]
+    torch.set_num_threads(1)
+    ranks = distributed.setup()
+    result = run(algo, agg, ranks)
+    if ranks.main:
+        torch.save(result, out)
+    distributed.teardown(ranks)
