@@ -39,7 +39,7 @@ def setup() -> Ranks:
         return Ranks()
     if "WORLD_SIZE" not in os.environ:  # a SLURM task from submitit: export RANK, WORLD_SIZE, MASTER_ADDR/PORT
         from submitit.helpers import TorchDistributedEnvironment
-        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))

@@ -67,3 +67,37 @@ def test_bare_torchrun_needs_one_run_dir_for_all_ranks(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "error: hydra.run.dir is unset under torchrun: expected hydra.run.dir=DIR" in proc.stderr
+
+
+def test_slurm_presets_compose_and_a_requeued_job_resumes():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    import gspo_cli.cli  # noqa: F401  registers the schema
+
+    with initialize_config_dir(config_dir=str(HERE.parent / "conf"), version_base="1.3"):
+        launcher = compose(config_name="config", overrides=["hydra/launcher=slurm_8gpu"],
+                           return_hydra_config=True).hydra.launcher
+    assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.max_num_timeout) == (8, 8, 3)
+    job = instantiate(launcher)
+    again = job.checkpoint(["algo=gspo", "seed=1", "resume=null"], "hydra.sweep.dir", 0, "job", {})
+    assert again.args[0] == ["algo=gspo", "seed=1", "resume=auto"], "the requeued job continues from its checkpoint"
+
+
+def test_slurm_tasks_become_ranks_through_submitit_environment(tmp_path):
+    """Two `gspo train` processes with the variables SLURM gives two tasks of one job (what slurm_8gpu starts,
+    at 2 instead of 8): submitit's TorchDistributedEnvironment makes them ranks 0 and 1 of one gloo group."""
+    run = tmp_path / "r"
+    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "1",
+             "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "localhost", "MASTER_PORT": "29531"}
+    procs = [subprocess.Popen([sys.executable, "-m", "gspo_cli.cli", "train", *TINY, "trainer.prompts_per_step=4",
+                               "trainer.steps=2", "logger.wandb.mode=disabled", f"hydra.run.dir={run}"], cwd=tmp_path,
+                              env={**ENV, **slurm, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
+                                   "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    state = torch.load(run / "checkpoints" / "step_000002" / "state.pt", weights_only=False)
+    assert state["config"]["trainer"]["devices"] == 2 and len(state["rng_ranks"]) == 2
