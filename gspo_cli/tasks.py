@@ -1,8 +1,9 @@
 """reasoning-gym tasks -> chat prompts, and rewards from each task's own verifier (`score_answer`).
 
-Answer extraction (README "Answer parsing"): the text inside the last <answer>...</answer> pair when there is one;
-otherwise, when the oracle answer is a number, the last number in the completion (SmolLM2-135M rarely writes the
-tags: "4 + 3 = 7" scores); otherwise the last non-empty line. The verifier then scores that string in [0, 1];
+Answer extraction (README "Answer parsing"): reasoning models (DeepSeek-R1-Distill-Qwen: "<think>...</think> answer")
+are read after their last </think>; then the text inside the last <answer>...</answer> pair when there is one;
+else the last \boxed{...} (R1's habit); otherwise, when the oracle answer is a number, the last number in the
+completion (SmolLM2-135M rarely writes the tags: "4 + 3 = 7" scores); otherwise the last non-empty line. The verifier then scores that string in [0, 1];
 `reward/accuracy` counts scores of 1. A verifier that raises on a malformed answer scores 0 and is counted.
 """
 from __future__ import annotations
@@ -13,14 +14,19 @@ from dataclasses import dataclass
 from .config import ConfigError, TaskConfig
 
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)      # reasoning_gym.utils.extract_answer's tags
+BOXED_RE = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")        # \boxed{12}, \boxed{\frac{1}{2}}
 NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")                        # as shared/bench/trl_baseline.py's fallback
 TRAIN_SIZE = 1_000_000                                             # virtual size; items are generated on demand
 
 
 def extract_answer(completion: str, oracle: str) -> str | None:
+    completion = completion.rsplit("</think>", 1)[-1]       # a reasoning model's answer follows its thinking
     tagged = ANSWER_RE.findall(completion)
     if tagged:
         return tagged[-1].strip()
+    boxed = BOXED_RE.findall(completion)
+    if boxed:
+        return boxed[-1].strip()
     if NUMBER_RE.fullmatch(oracle.strip()):
         nums = NUMBER_RE.findall(completion.replace(",", ""))
         return nums[-1] if nums else None

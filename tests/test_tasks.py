@@ -15,6 +15,12 @@ ARITH = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)
     ("minus: -4", "-4", "-4"),
     ("no digits here", "3", None),
     ("Let me think.\nArnold", "arnold", "Arnold"),
+    # DeepSeek-R1-Distill-Qwen style: numbers inside the thinking do not count; \boxed{} does
+    ("Okay, 3 + 4 is 7, or 8?\n</think>\n\nThe sum is \\boxed{7}.", "7", "7"),
+    ("First 2, then 5.</think>\nSo the answer is 9", "9", "9"),
+    ("</think> half: \\boxed{\\frac{1}{2}}", "1/2", "\\frac{1}{2}"),
+    ("I think <answer>3</answer> but wait</think><answer>4</answer>", "4", "4"),
+    ("still thinking about 12 and 13", "13", "13"),
     ("", "arnold", None),
 ])
 def test_extract_answer(completion, oracle, want):
