@@ -30,6 +30,11 @@ class Rollout:
     finished: Tensor         # (B,) bool, ended with EOS before max_new_tokens
 
 
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    """logits / temperature, without a copy of the (B, [T,] V) tensor at temperature 1 (x / 1.0 == x exactly)."""
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def positions(mask: Tensor) -> Tensor:
     """Position ids from an attention mask (B, L): 0 at each row's first real token."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)                   # (B, L)
@@ -68,7 +73,7 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: 
     done = torch.zeros(B, dtype=torch.bool, device=dev)                # (B,)
     ids, logps, ents, masks = [], [], [], []
     for _ in range(max_new_tokens):
-        logits = out.logits[:, -1].float() / temperature               # (B, V)
+        logits = _scaled(out.logits[:, -1].float(), temperature)       # (B, V)
         logprobs = logits.log_softmax(-1)                              # (B, V)
         if greedy:
             tok = logits.argmax(-1)                                    # (B,)
@@ -118,7 +123,7 @@ def token_logps(model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mas
     PPO critic's V(s_t) at the same positions (B, T): returns (logp, values).
     """
     hidden = _response_hidden(model, prompt_ids, prompt_mask, ids, mask)         # (B, T, H)
-    logits = model.get_output_embeddings()(hidden).float() / temperature        # (B, T, V)
+    logits = _scaled(model.get_output_embeddings()(hidden).float(), temperature)   # (B, T, V)
     chosen = logits.gather(-1, ids[..., None]).squeeze(-1)            # (B, T)
     logp = (chosen - logits.logsumexp(-1)) * mask                     # (B, T)
     if not with_values:
