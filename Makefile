@@ -1,7 +1,7 @@
 # Each target is a command a user could paste.
 PY ?= python3
 
-.PHONY: install test test-fast train mutants compare bench
+.PHONY: install test test-fast train mutants compare bench breakdown
 
 install:  ## torch 2.13.0 (CPU) first when no torch is present, then the project + dev extras + the embedded model
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
@@ -27,3 +27,6 @@ compare:  ## the comparison sweep (GSPO, GRPO, PPO x 3 seeds, CPU-sized), then t
 
 bench:  ## side-by-side speed and memory vs TRL's GRPOTrainer on the identical workload (~16 min on 2 cores)
 	$(PY) bench/vs_trl.py
+
+breakdown:  ## py-spy profile of a short run on the bench workload: where a step's time goes (~2 min)
+	$(PY) bench/breakdown.py
