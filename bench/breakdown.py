@@ -17,9 +17,10 @@ from pathlib import Path
 
 RATE = 50  # samples per second
 
-ROLLOUT = [("MLP (gate/up/down)", "LlamaMLP.forward"), ("KV cache concat", "Cache.update"),
-           ("attention (sdpa)", "sdpa_attention_forward"), ("q/k/v/o projections", "Linear.forward;"),
-           ("rotary", "apply_rotary"), ("RMSNorm", "LlamaRMSNorm"), ("LM head", "Linear.forward")]
+ROLLOUT = [("MLP (gate/up/down)", "LlamaMLP.forward"), ("KV cache concat", "Cache.update"),   # first match wins
+           ("attention (sdpa)", "sdpa_attention_forward"), ("rotary", "apply_rotary"),
+           ("q/k/v/o projections", "LlamaAttention.forward"), ("RMSNorm", "LlamaRMSNorm"),
+           ("LM head", "Linear.forward")]
 
 
 def part(stack: str) -> str:
