@@ -34,7 +34,7 @@ def run(algo: str, loss_agg: str, ranks: distributed.Ranks) -> dict:
     rows = slice(4 * ranks.rank, 4 * ranks.rank + 8 // ranks.world)
     roll = replace(roll, **{f: getattr(roll, f)[rows] for f in ("prompt_ids", "prompt_mask", "ids", "mask", "logp",
                                                                  "entropy", "finished")})
-    rewards = torch.tensor(REWARDS)[rows]                                                   # (b,)
+    rewards = torch.tensor(REWARDS, dtype=torch.float32)[rows]                                                   # (b,)
     critic = None
     if algo == "ppo":
         adv, critic, _ = loop.ppo_targets(policy, roll, rewards, roll.logp - 0.01 * roll.mask, cfg, ranks)

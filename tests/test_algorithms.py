@@ -9,7 +9,14 @@ import torch
 
 from gspo_cli import algorithms as A
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def float64_here_only():
+    """This module's references are float64; later modules must see torch's float32 default again."""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
 
 
 def ragged(B, T, seed, min_len=1):
