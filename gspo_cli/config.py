@@ -173,18 +173,19 @@ def validate(cfg: Config) -> Config:
     _check(t.steps > 0, "trainer.steps", t.steps, "an integer > 0")
     _check(t.prompts_per_step > 0, "trainer.prompts_per_step", t.prompts_per_step, "an integer > 0")
     _check(t.epochs > 0, "trainer.epochs", t.epochs, "an integer > 0")
-    batch = t.prompts_per_step // max(t.devices, 1) * a.group_size
+    _check(t.precision in ("fp32", "bf16"), "trainer.precision", t.precision, "'fp32' or 'bf16'")
+    _check(t.devices >= 1, "trainer.devices", t.devices, "an integer >= 1")
+    _check(t.prompts_per_step % t.devices == 0, "trainer.prompts_per_step", t.prompts_per_step,
+           f"a multiple of trainer.devices={t.devices} (each rank takes whole prompt groups)")
+    batch = t.prompts_per_step // t.devices * a.group_size                   # responses per rank
+    per_rank = f" per rank of {t.devices}" if t.devices > 1 else ""
     _check(t.minibatches > 0 and batch % t.minibatches == 0, "trainer.minibatches", t.minibatches,
-           f"a divisor of prompts_per_step x group_size = {batch}" + (f" per rank of {t.devices}" if t.devices > 1 else ""))
+           f"a divisor of prompts_per_step x group_size = {batch}{per_rank}")
     _check(t.max_grad_norm > 0, "trainer.max_grad_norm", t.max_grad_norm, "a float > 0")
     _check(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "an integer >= 0")
     _check(t.save_every > 0, "trainer.save_every", t.save_every, "an integer > 0")
     _check(t.keep_last > 0, "trainer.keep_last", t.keep_last, "an integer > 0")
     _check(t.device in ("auto", "cpu", "cuda"), "trainer.device", t.device, "one of ['auto', 'cpu', 'cuda']")
-    _check(t.precision in ("fp32", "bf16"), "trainer.precision", t.precision, "'fp32' or 'bf16'")
-    _check(t.devices >= 1, "trainer.devices", t.devices, "an integer >= 1")
-    _check(t.prompts_per_step % t.devices == 0, "trainer.prompts_per_step", t.prompts_per_step,
-           f"a multiple of trainer.devices={t.devices} (each rank takes whole prompt groups)")
     _check(t.max_nonfinite >= 0, "trainer.max_nonfinite", t.max_nonfinite, "an integer >= 0")
     _check(t.threads >= 0, "trainer.threads", t.threads, "an integer >= 0")
     _check(cfg.task.eval_size >= 0, "task.eval_size", cfg.task.eval_size, "an integer >= 0")

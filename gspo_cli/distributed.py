@@ -50,14 +50,6 @@ def teardown(r: Ranks) -> None:
         dist.destroy_process_group()
 
 
-def all_sum(x: float, r: Ranks, device) -> float:
-    if r.world == 1:
-        return x
-    t = torch.tensor(float(x), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item()
-
-
 def total(t: torch.Tensor, r: Ranks) -> torch.Tensor:
     """A tensor summed over ranks (differentiable use not needed: statistics only)."""
     if r.world == 1:
@@ -65,6 +57,11 @@ def total(t: torch.Tensor, r: Ranks) -> torch.Tensor:
     t = t.clone()
     dist.all_reduce(t)
     return t
+
+
+def all_sum(x: float, r: Ranks, device) -> float:
+    """A Python number summed over ranks."""
+    return x if r.world == 1 else total(torch.tensor(float(x), dtype=torch.float64, device=device), r).item()
 
 
 def any_rank(flag: bool, r: Ranks, device) -> bool:
@@ -99,9 +96,8 @@ def reduce_metrics(m: dict, r: Ranks, device) -> dict:
         return m
     keys = sorted(m)
     t = torch.tensor([float(m[k]) for k in keys], dtype=torch.float64, device=device)
-    lo, hi, total = t.clone(), t.clone(), t.clone()
+    lo, hi, sums = t.clone(), t.clone(), total(t, r)
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    dist.all_reduce(total)
-    return {k: (lo[i] if k in MIN_KEYS else hi[i] if k in MAX_KEYS else total[i] if k in SUM_KEYS
-                else total[i] / r.world).item() for i, k in enumerate(keys)}
+    return {k: (lo[i] if k in MIN_KEYS else hi[i] if k in MAX_KEYS else sums[i] if k in SUM_KEYS
+                else sums[i] / r.world).item() for i, k in enumerate(keys)}

@@ -13,6 +13,7 @@ rollout steps, then stays constant.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import signal
@@ -201,13 +202,10 @@ def ppo_targets(policy, roll, rewards, ref_logp, cfg: Config, ranks: Ranks = Ran
 
 def reference_logps(ref_model, policy, roll, cfg: Config, device) -> torch.Tensor:
     """log π_ref of the rollout's tokens (B, T): the frozen copy, or with LoRA the policy with its adapters off."""
-    with torch.no_grad(), autocast(device, cfg.trainer.precision):
-        if ref_model is not None:
-            return rollout.token_logps(ref_model, roll.prompt_ids, roll.prompt_mask, roll.ids, roll.mask,
-                                       cfg.rollout.temperature)
-        with policy.disable_adapter():
-            return rollout.token_logps(policy, roll.prompt_ids, roll.prompt_mask, roll.ids, roll.mask,
-                                       cfg.rollout.temperature)
+    adapters_off = policy.disable_adapter() if ref_model is None else contextlib.nullcontext()
+    with torch.no_grad(), autocast(device, cfg.trainer.precision), adapters_off:
+        return rollout.token_logps(ref_model if ref_model is not None else policy, roll.prompt_ids, roll.prompt_mask,
+                                   roll.ids, roll.mask, cfg.rollout.temperature)
 
 
 def row_metrics(rewards, scores, roll, G: int, ranks: Ranks) -> dict:
@@ -233,9 +231,6 @@ def train(cfg: Config, run_dir: Path, config_dict: dict, resume_state: dict | No
 
 def _train(cfg: Config, run_dir: Path, config_dict: dict, resume_state: dict | None, ranks: Ranks) -> list[dict]:
     t, G = cfg.trainer, cfg.algo.group_size
-    if t.prompts_per_step % ranks.world:
-        raise ConfigError(f"trainer.prompts_per_step={t.prompts_per_step} is invalid: expected a multiple of the "
-                          f"{ranks.world} ranks (each rank takes whole prompt groups)")
     if t.threads:
         torch.set_num_threads(t.threads)
     device = pick_device(t.device, ranks.local)
@@ -345,10 +340,10 @@ def _train(cfg: Config, run_dir: Path, config_dict: dict, resume_state: dict | N
         if stop:
             if log is not None:
                 log.close()
-            if signalled:
-                name = signal.Signals(caught.get("signal", signal.SIGTERM)).name
-                raise Stop(f"stopped by {name} after step {step}; checkpoint saved; continue with resume={run_dir}",
-                           128 + caught.get("signal", signal.SIGTERM))
+            if signalled:  # another rank may have caught it: this one reports SIGTERM, what SLURM and torchrun send
+                sig = signal.Signals(caught.get("signal", signal.SIGTERM))
+                raise Stop(f"stopped by {sig.name} after step {step}; checkpoint saved; continue with resume={run_dir}",
+                           128 + sig)
             raise Stop(f"trainer.max_nonfinite={t.max_nonfinite} exceeded: {bad_steps} steps in a row had a non-finite "
                        f"loss or gradient (last at step {step}); the last good weights are checkpointed in {run_dir}; "
                        "lower optim.lr or check the rewards", 3)

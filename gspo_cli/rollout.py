@@ -51,7 +51,8 @@ def sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     """One token per row by inverse-CDF sampling: exact, and ~30x faster than torch.multinomial over a 49k vocab
     on CPU. right=True returns the first index whose CDF exceeds u, so a zero-probability token is never drawn."""
     cdf = probs.cumsum(-1)                                             # (B, V)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=probs.dtype) * cdf[:, -1:]  # (B, 1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=probs.dtype)  # (B, 1)
+    u = u * cdf[:, -1:]                                                # (B, 1)
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)    # (B,)
 
 
