@@ -15,6 +15,7 @@ from gspo_cli import algorithms, distributed, loop, models, rollout
 from gspo_cli.config import Config, ModelConfig
 
 REWARDS = [1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0]   # two groups of 4: both with non-zero advantages
+LENGTHS = [8, 3, 5, 8, 2, 8, 6, 1]                    # ragged responses: the ranks hold 24 and 17 tokens
 
 
 def run(algo: str, loss_agg: str, ranks: distributed.Ranks) -> dict:
@@ -31,6 +32,8 @@ def run(algo: str, loss_agg: str, ranks: distributed.Ranks) -> dict:
     roll = rollout.generate(policy, enc.input_ids.repeat_interleave(4, 0), enc.attention_mask.repeat_interleave(4, 0),
                             max_new_tokens=8, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                             generator=torch.Generator().manual_seed(0))
+    ragged = (torch.arange(roll.ids.shape[1])[None] < torch.tensor(LENGTHS)[:, None]).float()   # (8, T)
+    roll = replace(roll, mask=roll.mask * ragged, logp=roll.logp * ragged, entropy=roll.entropy * ragged)
     rows = slice(4 * ranks.rank, 4 * ranks.rank + 8 // ranks.world)
     roll = replace(roll, **{f: getattr(roll, f)[rows] for f in ("prompt_ids", "prompt_mask", "ids", "mask", "logp",
                                                                  "entropy", "finished")})
