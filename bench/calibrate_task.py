@@ -9,7 +9,6 @@ import torch
 
 from gspo_cli import models, rollout, tasks
 from gspo_cli.config import ModelConfig, TaskConfig
-from gspo_cli.loop import decode, encode
 
 SETTINGS = [dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1),
             dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2),
@@ -24,13 +23,13 @@ def main(n: int = 48, max_new: int = 48):
     for params in SETTINGS:
         for sp in PROMPTS:
             task = tasks.build_task(TaskConfig(dataset="chain_sum", params=params, system_prompt=sp, eval_size=n), 0)
-            p_ids, p_mask = encode(tok, task, task.eval_entries, "cpu")
+            p_ids, p_mask = tasks.encode(tok, task, task.eval_entries, "cpu")
             t0, acc = time.perf_counter(), {}
             for greedy in (True, False):
                 r = rollout.generate(model, p_ids, p_mask, max_new_tokens=max_new, greedy=greedy,
                                      eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                                      generator=torch.Generator().manual_seed(0))
-                scores = [task.score(e, c) for e, c in zip(task.eval_entries, decode(tok, r.ids, r.mask))]
+                scores = [task.score(e, c) for e, c in zip(task.eval_entries, tasks.decode(tok, r.ids, r.mask))]
                 acc[greedy] = sum(s["correct"] for s in scores) / len(scores)
             print(f"{str(params):60s} {'tags' if sp else 'none':6s} {acc[True]:7.1%} {acc[False]:8.1%} "
                   f"{time.perf_counter() - t0:5.1f}", flush=True)

@@ -1,12 +1,20 @@
-"""The math of GSPO, GRPO and PPO as pure functions of tensors (torch only: no models, no config objects).
+"""The math of GSPO, GRPO, DAPO and PPO as pure functions of tensors (torch only: no models, no config objects).
 
-Notation (DESIGN §3): B responses, T response positions; `logp`, `old_logp`, `ref_logp` are (B, T) log-probs of
+Notation: B responses, T response positions; `logp`, `old_logp`, `ref_logp` are (B, T) log-probs of
 the sampled tokens under the current, the sampling and the reference policy; `mask` (B, T) is 1 on response
 tokens; `adv` (B,) one advantage per response. Every loss returns `(loss, stats)`: `loss` is the scalar to
-minimise (the negated objective), `stats` plain floats with the DESIGN §4 names plus the weights (`tokens`,
-`ratios`) the loop needs to average them token-weighted over minibatches.
+minimise (the negated objective), `stats` plain floats with the metric names of README "Metrics" plus the weights
+(`tokens`, `ratios`) the loop averages them with over minibatches (`FOLD` says which stat takes which).
+
+One algorithm = one loss function + one entry in `ALGORITHMS`. A loss's keyword arguments with a float or string
+default are its knobs: the loop passes `cfg.algo.<knob>` for each, and config validation refuses any other
+`algo.*` key that the chosen algorithm never reads.
 """
 from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -55,7 +63,7 @@ def clipped_surrogate(log_ratio: Tensor, adv: Tensor, eps_low: float, eps_high: 
     """−min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A), PPO eq. 7 (arXiv 1707.06347). log_ratio (B, T) or (B, 1); adv broadcasts.
 
     Returns (per-element loss, ratio, binding): `binding` marks where the clipped branch is selected and strictly
-    smaller, so the element's policy gradient is zero (DESIGN §4 clip definition).
+    smaller, so the element's policy gradient is zero (the definition behind the clip/frac metric).
     """
     ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()  # (B, T|1)
     unclipped = ratio * adv                                            # (B, T|1)
@@ -107,7 +115,7 @@ def gspo_loss(logp, old_logp, adv, mask, *, eps_low=3e-4, eps_high=4e-4, beta=0.
     ratio_mask = mask if variant == "token" else (mask.sum(-1, keepdim=True) > 0).float()   # (B, T|1)
     stats = clip_stats(ratio.detach(), binding, adv[:, None], mask, ratio_mask)
     loss_tok = _with_kl(loss.expand_as(mask), logp, ref_logp, beta, stats, mask)        # (B, T)
-    return AGGREGATIONS[loss_agg](loss_tok, mask), stats
+    return _policy_loss(AGGREGATIONS[loss_agg](loss_tok, mask), stats)
 
 
 def grpo_loss(logp, old_logp, adv, mask, *, eps_low=0.2, eps_high=0.2, beta=0.04, ref_logp=None,
@@ -119,7 +127,21 @@ def grpo_loss(logp, old_logp, adv, mask, *, eps_low=0.2, eps_high=0.2, beta=0.04
     loss, ratio, binding = clipped_surrogate(logp - old_logp, adv[:, None], eps_low, eps_high)  # (B, T)
     stats = clip_stats(ratio.detach(), binding, adv[:, None], mask, mask)
     loss_tok = _with_kl(loss, logp, ref_logp, beta, stats, mask)      # (B, T)
-    return AGGREGATIONS[loss_agg](loss_tok, mask), stats
+    return _policy_loss(AGGREGATIONS[loss_agg](loss_tok, mask), stats)
+
+
+def dapo_loss(logp, old_logp, adv, mask, *, eps_low=0.2, eps_high=0.28, beta=0.0, ref_logp=None,
+              loss_agg="token_mean"):
+    """DAPO, Yu et al. 2025 (arXiv 2503.14476), eq. 8: GRPO's token ratio with clip-higher (ε_low 0.2,
+    ε_high 0.28, §3.1) and the token-level mean over the whole batch (eq. 12), no KL (§2.3). Dynamic sampling and
+    the overlong penalty (§3.2, §3.4) are not part of the loss and not applied. Shapes: (B, T), adv (B,)."""
+    return grpo_loss(logp, old_logp, adv, mask, eps_low=eps_low, eps_high=eps_high, beta=beta, ref_logp=ref_logp,
+                     loss_agg=loss_agg)
+
+
+def _policy_loss(loss: Tensor, stats: dict):
+    stats["loss/policy"], stats["loss/value"] = loss.item(), 0.0
+    return loss, stats
 
 
 def whiten(x: Tensor, mask: Tensor, eps: float = 1e-8, total=lambda v: v) -> Tensor:
@@ -170,11 +192,35 @@ def ppo_loss(logp, old_logp, adv, mask, *, values, old_values, returns, eps_low=
     return policy + vf_coef * value, stats
 
 
-LOSSES = {"gspo": gspo_loss, "grpo": grpo_loss, "ppo": ppo_loss}
-DEFAULT_AGG = {"gspo": "seq_mean_token_mean", "grpo": "seq_mean_token_mean", "ppo": "token_mean"}
+@dataclass(frozen=True)
+class Algorithm:
+    loss: Callable                     # (logp, old_logp, adv, mask, *, knobs..., tensors...) -> (loss, stats)
+    advantage: str                     # "group": group_advantages (B,) | "gae": a critic and GAE, per token (B, T)
+
+    def knobs(self) -> dict:
+        """The loss's float/str keyword arguments and their defaults: what it reads from `cfg.algo`."""
+        return {n: p.default for n, p in inspect.signature(self.loss).parameters.items()
+                if p.kind is p.KEYWORD_ONLY and isinstance(p.default, (float, int, str))}
+
+    def reads(self) -> set:
+        """Every `algo.*` key this algorithm uses: the loss's knobs plus its advantage's."""
+        return {"name", "group_size", *self.knobs(), *ADVANTAGE_KNOBS[self.advantage]}
 
 
-def get_loss(name: str):
-    if name not in LOSSES:
-        raise ValueError(f"algo={name!r}; expected one of {sorted(LOSSES)}")
-    return LOSSES[name]
+ADVANTAGE_KNOBS = {"group": ("scale_rewards",), "gae": ("critic", "kl_coef", "gamma", "lam")}
+ALGORITHMS = {
+    "gspo": Algorithm(gspo_loss, "group"),
+    "grpo": Algorithm(grpo_loss, "group"),
+    "dapo": Algorithm(dapo_loss, "group"),
+    "ppo": Algorithm(ppo_loss, "gae"),
+}
+# How the loop folds a stat over one rollout's minibatches: a min, a max, an unweighted mean ("updates"), a mean
+# weighted by another stat, or None (a weight, not logged); any stat not named here is token-weighted.
+FOLD = {"ratio/min": "min", "ratio/max": "max", "ratio/mean": "ratios", "loss/policy": "updates",
+        "loss/value": "updates", "tokens": None, "ratios": None}
+
+
+def get(name: str) -> Algorithm:
+    if name not in ALGORITHMS:
+        raise ValueError(f"algo={name!r}; expected one of {sorted(ALGORITHMS)}")
+    return ALGORITHMS[name]

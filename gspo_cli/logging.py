@@ -24,6 +24,21 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
         path.write_text("".join(r + "\n" for r in rows))
 
 
+class NullLogger:
+    """What ranks other than 0 log to: nothing. The same methods as RunLogger, so the loop has no `if rank 0`."""
+    history: list = []
+    wandb_id = None
+
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def samples(self, rows: list[dict]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, config: dict, *, steps: int, start_step: int, wandb_cfg, wandb_id=None,
                  name: str = ""):

@@ -1,4 +1,5 @@
-"""Load the policy, its tokenizer and the frozen reference: the embedded GGUF default, a hub id or local dir, or tiny."""
+"""Load the policy, its tokenizer and the frozen reference: the embedded GGUF default, a hub id or local dir, the tiny
+random Llama (tests), or a random-init stand-in of any architecture (`model.source=random`, `model.arch`)."""
 from __future__ import annotations
 
 import copy
@@ -8,9 +9,36 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, ModelConfig
+from .config import LINEARS, ConfigError, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device='cuda' but no CUDA device is visible: expected 'cpu' or 'auto'")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, precision: str):
+    """precision bf16: forwards under bf16 autocast over fp32 master weights; log-probs, loss and optimizer stay
+    fp32 because `rollout.token_logps` casts logits to fp32 first."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def build_optimizer(model, cfg):
+    params = [p for p in model.parameters() if p.requires_grad]
+    kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("optim=adamw8bit needs bitsandbytes: expected `pip install bitsandbytes`") from None
+        return bnb.optim.AdamW8bit(params, **kw)
+    return torch.optim.AdamW(params, **kw)
 
 
 def smollm2_gguf() -> tuple[str, str]:
@@ -44,7 +72,7 @@ def load_tokenizer(cfg: ModelConfig):
 
 def load_policy(cfg: ModelConfig, tokenizer, device: torch.device, seed: int = 0):
     """The trainable policy as a plain (dequantized, unflagged) `*ForCausalLM` in `cfg.dtype` on `device`."""
-    from transformers import AutoModelForCausalLM, GgufConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, GgufConfig, LlamaForCausalLM
 
     dtype = DTYPES[cfg.dtype]
     if cfg.source == "gguf":
@@ -52,13 +80,15 @@ def load_policy(cfg: ModelConfig, tokenizer, device: torch.device, seed: int = 0
         # dequantize=True: a GGUF load is otherwise flagged as quantized and cannot be trained or saved.
         model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype,
                                                      quantization_config=GgufConfig(dequantize=True))
+    elif cfg.source == "random":  # a stand-in with a real architecture's shapes: memory and numerics, no download
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(arch_config(cfg), dtype=dtype)
     elif cfg.source == "tiny":
         torch.manual_seed(seed)
-        heads = max(1, cfg.tiny_hidden // 16)
-        conf = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.tiny_hidden, intermediate_size=2 * cfg.tiny_hidden,
-                           num_hidden_layers=cfg.tiny_layers, num_attention_heads=heads, num_key_value_heads=heads,
-                           max_position_embeddings=2048, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+        conf = arch_config(cfg)
+        conf.vocab_size = len(tokenizer)
+        conf.pad_token_id, conf.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        conf.bos_token_id = tokenizer.bos_token_id
         model = LlamaForCausalLM(conf).to(dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(_hub_location(cfg), dtype=dtype, local_files_only=_offline(cfg))
@@ -71,6 +101,26 @@ def load_policy(cfg: ModelConfig, tokenizer, device: torch.device, seed: int = 0
     return model
 
 
+def arch_config(cfg: ModelConfig):
+    """The transformers config of `cfg` without loading weights: `model.arch` (source=random), the tiny Llama, the
+    GGUF's metadata, or config.json of model.path / the local HF cache."""
+    from transformers import AutoConfig
+
+    if cfg.source == "random" or (cfg.arch and cfg.path is None and cfg.source == "hub" and not _cached(cfg)):
+        arch = dict(cfg.arch)
+        return AutoConfig.for_model(arch.pop("model_type"), **arch)
+    if cfg.source == "tiny":
+        heads = max(1, cfg.tiny_hidden // 16)
+        return AutoConfig.for_model("llama", vocab_size=49152, hidden_size=cfg.tiny_hidden,
+                                    intermediate_size=2 * cfg.tiny_hidden, num_hidden_layers=cfg.tiny_layers,
+                                    num_attention_heads=heads, num_key_value_heads=heads, tie_word_embeddings=True,
+                                    max_position_embeddings=2048)
+    if cfg.source == "gguf":
+        d, f = smollm2_gguf()
+        return AutoConfig.from_pretrained(d, gguf_file=f)
+    return AutoConfig.from_pretrained(_hub_location(cfg), local_files_only=_offline(cfg))
+
+
 def add_lora(model, cfg: ModelConfig):
     """PEFT LoRA (Hu et al. 2021, arXiv 2106.09685) on the attention/MLP projections; the base weights are frozen.
     The reference policy is this same model inside `model.disable_adapter()`, so no second copy is kept."""
@@ -80,13 +130,10 @@ def add_lora(model, cfg: ModelConfig):
     missing = [m for m in cfg.lora.target_modules if m not in present]
     if missing:
         raise ConfigError(f"model.lora.target_modules={list(cfg.lora.target_modules)} names modules that {cfg.name} "
-                          f"lacks: {missing}; expected Linear layer names such as {sorted(present & LINEARS)}")
+                          f"lacks: {missing}; expected Linear layer names such as {sorted(present & set(LINEARS))}")
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
-
-
-LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
 def is_lora(model) -> bool:
@@ -122,7 +169,7 @@ def add_value_head(model, separate: bool) -> None:
     if separate:
         model.critic = copy.deepcopy(model)
         owner = model.critic
-    head = torch.nn.Linear(model.config.hidden_size, 1, device=model.device, dtype=model.dtype)
+    head = torch.nn.Linear(model.config.hidden_size, 1, device=model.device, dtype=torch.float32)  # fp32 always
     torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
     owner.value_head = head
 
@@ -134,6 +181,12 @@ def frozen_copy(model):
     return ref
 
 
+def _cached(cfg: ModelConfig) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return cfg.hub_id is not None and isinstance(try_to_load_from_cache(cfg.hub_id, "config.json"), str)
+
+
 def _offline(cfg: ModelConfig) -> bool:
     return cfg.path is not None or os.environ.get("HF_HUB_OFFLINE") == "1"
 
@@ -143,22 +196,21 @@ def _hub_location(cfg: ModelConfig) -> str:
     if cfg.path is not None:
         if not (Path(cfg.path) / "config.json").is_file():
             raise ConfigError(f"model.path={cfg.path!r} is not a model dir: expected a folder with config.json "
-                              "and the weights (e.g. `huggingface-cli download {cfg.hub_id} --local-dir DIR`)")
+                              f"and the weights (e.g. `hf download {cfg.hub_id} --local-dir DIR`)")
         return cfg.path
     if cfg.hub_id is None:
         raise ConfigError("model.hub_id=None with model.source=hub: expected a hub id or model.path=DIR")
-    from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    if isinstance(try_to_load_from_cache(cfg.hub_id, "config.json"), str):
+    if _cached(cfg):
         return cfg.hub_id
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
     try:  # a short probe, so that a machine without network gets the line below rather than a long retry
-        from huggingface_hub import HfApi
         HfApi().model_info(cfg.hub_id, timeout=5)
-    except Exception as e:  # noqa: BLE001 — any failure here means "not reachable"; say how to provide the files
-        if not isinstance(e, (OSError, LocalEntryNotFoundError)) and "404" in str(e):
-            raise ConfigError(f"model.hub_id={cfg.hub_id!r} does not exist on the hub") from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"model.hub_id={cfg.hub_id!r} does not exist on the hub") from None
+    except Exception:  # noqa: BLE001 — any other failure means "not reachable"; say how to provide the files
         raise ConfigError(f"model={cfg.name}: weights for {cfg.hub_id!r} are not in the local cache and the hub is "
-                          f"unreachable; download them where there is network (`huggingface-cli download "
-                          f"{cfg.hub_id} --local-dir DIR`) and pass model.path=DIR") from None
+                          f"unreachable; download them where there is network (`hf download {cfg.hub_id} "
+                          "--local-dir DIR`) and pass model.path=DIR") from None
     return cfg.hub_id

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import warnings
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 # transformers 5.x renames `past_key_values` to `cache` but still accepts it; keep the name that 4.56+ understands.
 warnings.filterwarnings("ignore", message=".*past_key_values.*is deprecated", category=FutureWarning)
@@ -103,8 +104,8 @@ def _response_hidden(model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor
     T = ids.shape[1]
     full_ids = torch.cat([prompt_ids, ids], dim=1)                    # (B, P + T)
     attn = torch.cat([prompt_mask.long(), mask.long()], dim=1)        # (B, P + T)
-    return model.get_decoder()(input_ids=full_ids, attention_mask=attn,
-                               position_ids=positions(attn)).last_hidden_state[:, -T - 1:-1]
+    return model.get_decoder()(input_ids=full_ids, attention_mask=attn, position_ids=positions(attn),
+                               use_cache=False).last_hidden_state[:, -T - 1:-1]   # no KV cache: nothing reads it
 
 
 def _values(model, hidden: Tensor, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
@@ -112,21 +113,35 @@ def _values(model, hidden: Tensor, prompt_ids: Tensor, prompt_mask: Tensor, ids:
     critic = getattr(model, "critic", None)
     if critic is not None:
         hidden = _response_hidden(critic, prompt_ids, prompt_mask, ids, mask)                    # (B, T, H)
-    return (model if critic is None else critic).value_head(hidden).squeeze(-1).float() * mask  # (B, T)
+    head = (model if critic is None else critic).value_head                 # fp32 weights, whatever the trunk's dtype
+    return head(hidden.to(head.weight.dtype)).squeeze(-1).float() * mask  # (B, T)
+
+
+def _chunk_logp(head, hidden: Tensor, ids: Tensor, temperature: float) -> Tensor:
+    """log softmax(head(hidden) / temperature)[ids] for one chunk of positions: (B, c, H), (B, c) -> (B, c) fp32."""
+    logits = _scaled(head(hidden).float(), temperature)               # (B, c, V)
+    return logits.gather(-1, ids[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
 def token_logps(model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor,
-                temperature: float = 1.0, with_values: bool = False):
+                temperature: float = 1.0, with_values: bool = False, chunk: int = 0):
     """log softmax(logits / temperature)[token] of each response token, teacher-forced: (B, T) in fp32.
 
-    The LM head runs only on the T positions that predict response tokens, and the log-prob is the chosen logit
-    minus a row-wise logsumexp, so no [B, T, V] log-softmax is kept for backward. With `with_values`, also the
-    PPO critic's V(s_t) at the same positions (B, T): returns (logp, values).
+    The LM head runs only on the T positions that predict response tokens. With `chunk` > 0 it runs on `chunk`
+    positions at a time, and under autograd each chunk's logits are recomputed in backward (activation
+    checkpointing) instead of kept, so the LM head's memory is O(B·chunk·V), never O(B·T·V) — 4.2 fp32 copies of
+    (B, T, V) otherwise. The log-probs are the same numbers either way. With `with_values`, also the PPO critic's
+    V(s_t) at the same positions (B, T): returns (logp, values).
     """
     hidden = _response_hidden(model, prompt_ids, prompt_mask, ids, mask)         # (B, T, H)
-    logits = _scaled(model.get_output_embeddings()(hidden).float(), temperature)   # (B, T, V)
-    chosen = logits.gather(-1, ids[..., None]).squeeze(-1)            # (B, T)
-    logp = (chosen - logits.logsumexp(-1)) * mask                     # (B, T)
+    head, T = model.get_output_embeddings(), ids.shape[1]
+    step = chunk if 0 < chunk < T else T
+    pieces = []
+    for s in range(0, T, step):
+        args = (head, hidden[:, s:s + step], ids[:, s:s + step], temperature)    # (B, c, H), (B, c)
+        recompute = step < T and torch.is_grad_enabled()
+        pieces.append(checkpoint(_chunk_logp, *args, use_reentrant=False) if recompute else _chunk_logp(*args))
+    logp = torch.cat(pieces, 1) * mask                                # (B, T)
     if not with_values:
         return logp
     return logp, _values(model, hidden, prompt_ids, prompt_mask, ids, mask)

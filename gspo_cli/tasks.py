@@ -1,4 +1,4 @@
-"""reasoning-gym tasks -> chat prompts, and rewards from each task's own verifier (`score_answer`).
+"""reasoning-gym tasks -> chat prompts (as token ids), and rewards from each task's own verifier (`score_answer`).
 
 Answer extraction (README "Answer parsing"): reasoning models (DeepSeek-R1-Distill-Qwen: "<think>...</think> answer")
 are read after their last </think>; then the text inside the last <answer>...</answer> pair when there is one;
@@ -15,7 +15,7 @@ from .config import ConfigError, TaskConfig
 
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)      # reasoning_gym.utils.extract_answer's tags
 BOXED_RE = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")        # \boxed{12}, \boxed{\frac{1}{2}}
-NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")                        # as shared/bench/trl_baseline.py's fallback
+NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")                        # the last-number fallback of the TRL baseline (bench/vs_trl.py)
 TRAIN_SIZE = 1_000_000                                             # virtual size; items are generated on demand
 
 
@@ -67,6 +67,19 @@ class Task:
         fmt = float(bool(ANSWER_RE.search(completion)))
         return {"reward": score + self.cfg.format_reward * fmt, "correct": float(score >= 1.0), "format": fmt,
                 "error": error}
+
+
+def encode(tok, task: Task, entries: list, device):
+    """The entries' chat prompts as left-padded token ids and mask, (n, P) each."""
+    texts = [tok.apply_chat_template(task.messages(e), tokenize=False, add_generation_prompt=True) for e in entries]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+
+def decode(tok, ids, mask) -> list[str]:
+    """Responses (B, T) to text, each cut at its length (pad == EOS for SmolLM2: never cut by token id)."""
+    lengths = mask.sum(-1).long().tolist()
+    return [tok.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(ids, lengths)]
 
 
 def build_task(cfg: TaskConfig, seed: int) -> Task:

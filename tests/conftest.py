@@ -1,5 +1,6 @@
 """Shared fixtures: the real Hydra composition of conf/, the tiny model with SmolLM2's real tokenizer, and a helper
 that runs the real `gspo` console script as a subprocess."""
+import json
 import os
 import subprocess
 import sys
@@ -43,3 +44,47 @@ ENV = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
 def gspo(*args, cwd, timeout=600):
     """Run the real console script; returns CompletedProcess with text stdout/stderr."""
     return subprocess.run([GSPO, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+TIMING = {"time/rollout", "time/update", "time/step", "tokens_per_s"}   # wall-clock keys: never compared
+
+
+def read_metrics(run: Path, timing: bool = False) -> list[dict]:
+    """metrics.jsonl of a run dir, one dict per row; without the wall-clock keys unless `timing`."""
+    rows = [json.loads(ln) for ln in (Path(run) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return rows if timing else [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def tiny_rollout(model, tok, G: int = 4, max_new_tokens: int = 8, seed: int = 0):
+    """Two arithmetic prompts x G sampled responses from `model`: a (2G, ...) Rollout."""
+    from gspo_cli import rollout
+
+    enc = tok(["2 + 2 =", "what is 3 - 1?"], return_tensors="pt", padding=True)
+    return rollout.generate(model, enc.input_ids.repeat_interleave(G, 0), enc.attention_mask.repeat_interleave(G, 0),
+                            max_new_tokens=max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                            generator=torch.Generator().manual_seed(seed))
+
+
+def run_update(model, roll, adv, cfg, opt=None, value_targets=None, forward=None, ranks=None, shuffle_seed=0,
+               ref_logp=None):
+    """The real `loop.update` on a hand-made rollout, π_old = the sampler's log-probs."""
+    from gspo_cli import loop
+    from gspo_cli.distributed import Ranks
+
+    opt = opt if opt is not None else torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
+    p = loop.Parts(cfg, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0), forward=forward,
+                   ranks=ranks or Ranks(), shuffle_gen=torch.Generator().manual_seed(shuffle_seed))
+    batch = loop.Batch([], roll, [], [], torch.zeros(roll.ids.shape[0]))
+    order = loop.minibatch_order(roll.ids.shape[0], p)
+    return loop.update(p, batch, order, adv, roll.logp, ref_logp, value_targets)
+
+
+@pytest.fixture
+def restored(tiny):
+    """The session's tiny model, its weights put back after the test (tests that train it share it)."""
+    model, _ = tiny
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    yield saved
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(saved[n])

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import torch
 
-from gspo_cli import algorithms, distributed, loop, models, rollout
+from gspo_cli import distributed, loop, models, rollout
 from gspo_cli.config import Config, ModelConfig
 
 REWARDS = [1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0]   # two groups of 4: both with non-zero advantages
@@ -38,18 +38,16 @@ def run(algo: str, loss_agg: str, ranks: distributed.Ranks) -> dict:
     roll = replace(roll, **{f: getattr(roll, f)[rows] for f in ("prompt_ids", "prompt_mask", "ids", "mask", "logp",
                                                                  "entropy", "finished")})
     rewards = torch.tensor(REWARDS, dtype=torch.float32)[rows]                                                   # (b,)
-    critic = None
-    if algo == "ppo":
-        adv, critic, _ = loop.ppo_targets(policy, roll, rewards, roll.logp - 0.01 * roll.mask, cfg, ranks)
-    else:
-        adv = algorithms.group_advantages(rewards, 4)                                       # (b,)
-    scorer = loop.Scorer(policy)
+    forward = loop.PolicyForward(policy)
     if ranks.world > 1:
-        scorer = torch.nn.parallel.DistributedDataParallel(scorer, broadcast_buffers=False)
+        forward = torch.nn.parallel.DistributedDataParallel(forward, broadcast_buffers=False)
     opt = torch.optim.SGD(policy.parameters(), lr=cfg.optim.lr)  # (Adam's first step is ~lr·sign(g): ill-conditioned)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
-    stats = loop.update(policy, opt, sched, roll, adv, None, cfg, torch.Generator().manual_seed(1),
-                        loop.loss_kwargs(cfg), critic, scorer=scorer, ranks=ranks)
+    p = loop.Parts(cfg, policy, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0), forward=forward,
+                   ranks=ranks, shuffle_gen=torch.Generator().manual_seed(1))
+    batch = loop.Batch([], roll, [], [], rewards)
+    order = [torch.arange(len(rewards))]
+    adv, value_targets, _ = loop.advantages(p, batch, roll.logp, roll.logp - 0.01 * roll.mask, order)
+    stats = loop.update(p, batch, loop.minibatch_order(len(rewards), p), adv, roll.logp, None, value_targets)
     return {"grads": {n: p.grad.clone() for n, p in policy.named_parameters()},
             "params": {n: p.detach().clone() for n, p in policy.named_parameters()}, "stats": stats}
 

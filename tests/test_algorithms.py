@@ -82,6 +82,55 @@ def test_grpo_matches_paper(seed):
     assert 0 < st["clip/frac"] < 1
 
 
+def ref_dapo(logp, old, adv, mask, eps_low, eps_high):
+    """DAPO eq. 8 by hand: sum over every token of -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) / all tokens."""
+    total, clipped_tokens, tokens = 0.0, 0, 0
+    for i in range(logp.shape[0]):
+        for t in range(int(mask[i].sum())):
+            rho, a = math.exp(float(logp[i, t] - old[i, t])), float(adv[i])
+            unclipped, clipped = rho * a, min(max(rho, 1 - eps_low), 1 + eps_high) * a
+            total += -min(unclipped, clipped)
+            clipped_tokens += clipped < unclipped
+            tokens += 1
+    return total / tokens, clipped_tokens / tokens
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dapo_matches_paper(seed):
+    logp, old, _, adv, mask = ragged(8, 7, seed)
+    loss, st = A.dapo_loss(logp, old, adv, mask)                       # its own defaults: eps 0.2 / 0.28, token mean
+    want, frac = ref_dapo(logp, old, adv, mask, 0.2, 0.28)
+    assert loss.item() == pytest.approx(want, abs=1e-9)
+    assert st["clip/frac"] == pytest.approx(frac, abs=1e-12) and 0 < st["clip/frac"] < 1
+    assert "kl/loss" not in st
+    # clip-higher: a token at ratio 1.25 with A > 0 is clipped by symmetric eps 0.2, not by DAPO's 0.28
+    one = torch.ones(1, 1)
+    assert A.dapo_loss(math.log(1.25) * one, 0 * one, torch.ones(1), one)[1]["clip/frac"] == 0
+    assert A.grpo_loss(math.log(1.25) * one, 0 * one, torch.ones(1), one, beta=0.0)[1]["clip/frac"] == 1
+
+
+def test_registry_schema_and_conf_algo_agree():
+    """Every algorithm has conf/algo/<name>.yaml naming it; each YAML sets only keys its algorithm reads; every knob a
+    loss declares is an AlgoConfig field with the loss's own default type."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from gspo_cli.config import AlgoConfig
+
+    conf = {p.stem: OmegaConf.to_container(OmegaConf.load(p)) for p in
+            (Path(__file__).resolve().parent.parent / "conf" / "algo").glob("*.yaml")}
+    assert set(conf) == set(A.ALGORITHMS)
+    schema = {f.name: f.type for f in fields(AlgoConfig)}
+    for name, algo in A.ALGORITHMS.items():
+        assert conf[name]["name"] == name
+        assert set(conf[name]) <= algo.reads(), (name, set(conf[name]) - algo.reads())
+        assert algo.reads() <= set(schema), (name, algo.reads() - set(schema))
+        assert algo.advantage in A.ADVANTAGE_KNOBS
+        assert "loss_agg" in algo.knobs() and algo.knobs()["loss_agg"] in A.AGGREGATIONS
+
+
 def test_gspo_ratio_is_length_normalised_geometric_mean_and_ignores_padding():
     logp = torch.tensor([[-1.0, -2.0, -3.0, 99.0]])
     old = torch.tensor([[-1.5, -2.5, -2.0, -99.0]])
@@ -188,7 +237,7 @@ def test_aggregations_and_microbatch_accumulation():
 
 def test_unknown_algorithm_is_refused():
     with pytest.raises(ValueError, match="algo='dpo'; expected one of"):
-        A.get_loss("dpo")
+        A.get("dpo")
 
 
 # ---- PPO: GAE, shaped rewards, the clipped policy and value losses ----
@@ -265,7 +314,7 @@ def test_whiten_zero_mean_unit_std_over_mask():
     assert w[~mask.bool()].abs().max() == 0
 
 
-@pytest.mark.parametrize("name", ["gspo", "gspo_token", "grpo", "ppo"])
+@pytest.mark.parametrize("name", ["gspo", "gspo_token", "grpo", "dapo", "ppo"])
 def test_gradcheck(name):
     logp, old, ref, adv, mask = ragged(3, 4, 11)
     x = logp.clone().requires_grad_(True)
@@ -277,24 +326,25 @@ def test_gradcheck(name):
         assert torch.autograd.gradcheck(fn, (x, v))
         return
     kw = {"gspo": dict(eps_low=0.05, eps_high=0.05), "gspo_token": dict(eps_low=0.05, eps_high=0.05, variant="token"),
-          "grpo": dict(beta=0.04, ref_logp=ref)}[name]
-    fn = A.grpo_loss if name == "grpo" else A.gspo_loss
+          "grpo": dict(beta=0.04, ref_logp=ref), "dapo": {}}[name]
+    fn = {"grpo": A.grpo_loss, "dapo": A.dapo_loss}.get(name, A.gspo_loss)
     assert torch.autograd.gradcheck(lambda x: fn(x, old, adv, mask, **kw)[0], (x,))
 
 
-@pytest.mark.parametrize("name", ["gspo", "grpo"])
+@pytest.mark.parametrize("name", ["gspo", "grpo", "dapo"])
 def test_length_one_and_all_padding_rows(name):
     # row 0: one token; row 1: all padding (counts as 0 in the mean over sequences, as TRL); row 2: three tokens
     logp = torch.tensor([[-1.0, 0, 0], [5.0, 5.0, 5.0], [-1.0, -2.0, -0.5]])
     old = torch.tensor([[-1.2, 0, 0], [0.0, 0.0, 0.0], [-1.1, -2.1, -0.4]])
     mask = torch.tensor([[1.0, 0, 0], [0, 0, 0], [1, 1, 1]])
     adv = torch.tensor([1.0, -3.0, -1.0])
-    fn = A.gspo_loss if name == "gspo" else A.grpo_loss
+    fn = {"gspo": A.gspo_loss, "grpo": A.grpo_loss, "dapo": A.dapo_loss}[name]
     kw = dict(eps_low=0.1, eps_high=0.1) if name == "gspo" else dict(beta=0.0)
     loss, st = fn(logp, old, adv, mask, **kw)
-    want, frac = (ref_gspo if name == "gspo" else
-                  lambda *a: ref_grpo(a[0], a[1], a[1], a[2], a[3], 0.2, 0.0))(logp[[0, 2]], old[[0, 2]], adv[[0, 2]],
-                                                                                  mask[[0, 2]], 0.1, 0.1)
-    assert torch.isfinite(loss) and loss.item() == pytest.approx(want * 2 / 3, abs=1e-9)
+    reference = {"gspo": ref_gspo, "grpo": lambda *a: ref_grpo(a[0], a[1], a[1], a[2], a[3], 0.2, 0.0),
+                 "dapo": lambda *a: ref_dapo(*a[:4], 0.2, 0.28)}[name]
+    want, frac = reference(logp[[0, 2]], old[[0, 2]], adv[[0, 2]], mask[[0, 2]], 0.1, 0.1)
+    # an all-padding row counts as 0 in the mean over sequences; the token mean never sees it
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(want * (1 if name == "dapo" else 2 / 3), abs=1e-9)
     assert st["clip/frac"] == pytest.approx(frac) and st["tokens"] == 4
     assert st["ratio/max"] < 1.5, "the padded row's ratio (e^5) must not enter the stats"

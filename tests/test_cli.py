@@ -8,14 +8,17 @@ from gspo_cli.config import ConfigError, to_config
 
 @pytest.mark.parametrize("group", ["algo", "model", "task", "optim"])
 def test_every_option_of_every_group_composes_and_validates(compose, group):
+    from omegaconf import OmegaConf
+
     options = sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
     assert len(options) >= 2
     for opt in options:
         extra = ["task.dataset=leg_counting"] if (group, opt) == ("task", "reasoning_gym") else []
         cfg = to_config(compose(f"{group}={opt}", *extra))
-        assert getattr(cfg, group).name == (opt if group != "task" else cfg.task.name)
-        if group == "algo":
-            assert cfg.algo.name == opt
+        # the option file's own name: key is what the composed config carries
+        assert getattr(cfg, group).name == OmegaConf.load(ROOT / "conf" / group / f"{opt}.yaml").name
+        if group in ("algo", "optim"):
+            assert getattr(cfg, group).name == opt
 
 
 def test_paper_hyperparameters_per_algorithm(compose):
@@ -39,25 +42,52 @@ def test_cfg_job_and_help(tmp_path):
     out = gspo("train", "algo=grpo", "trainer.steps=7", "--cfg", "job", cwd=tmp_path)
     assert out.returncode == 0 and "name: grpo" in out.stdout and "steps: 7" in out.stdout
     help_ = gspo("train", "--help", cwd=tmp_path)
-    assert help_.returncode == 0 and "algo: grpo, gspo, ppo" in help_.stdout and "gspo train" in help_.stdout and "model:" in help_.stdout
+    assert help_.returncode == 0 and "algo: dapo, grpo, gspo, ppo" in help_.stdout and "gspo train" in help_.stdout and "model:" in help_.stdout
     top = gspo("--help", cwd=tmp_path)
-    assert top.returncode == 0 and "train" in top.stdout
+    assert top.returncode == 0 and top.stdout.splitlines()[0] == "usage: gspo COMMAND [hydra overrides]"
+    assert [ln.split()[0] for ln in top.stdout.splitlines()[1:]] == ["train", "compare"]
     bad = gspo("trian", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: unknown command 'trian': expected one of ['compare', 'train']"
 
 
+# Validation errors: checked in-process (the console script prints them as "error: <message>", exit 2; the
+# subprocess tests below show that path once for each kind of error).
+INVALID = [
+    (["trainer.steps=-1"], "trainer.steps=-1 is invalid: expected an integer > 0"),
+    (["algo.group_size=1"], "algo.group_size=1 is invalid: expected an integer >= 2 (group advantages)"),
+    (["trainer.minibatches=3"], "trainer.minibatches=3 is invalid: expected a divisor of prompts_per_step x group_size = 16"),
+    (["optim.lr=0"], "optim.lr=0.0 is invalid: expected a float > 0"),
+    (["rollout.max_new_tokens=0"], "rollout.max_new_tokens=0 is invalid: expected an integer > 0"),
+    (["algo.eps_low=-0.1"], "algo.eps_low=-0.1 is invalid: expected a float >= 0"),
+    (["algo=grpo", "algo.variant=token"], "algo.variant='token' is invalid: expected the default 'sequence': algo=grpo "
+                                          "never reads algo.variant, so setting it would change nothing"),
+    (["algo=gspo", "algo.kl_coef=0.1"], "algo.kl_coef=0.1 is invalid: expected the default 0.05: algo=gspo never reads"),
+    (["algo=ppo", "algo.scale_rewards=false"], "algo.scale_rewards=False is invalid: expected the default True: "
+                                               "algo=ppo never reads"),
+    (["model.dtype=bfloat16"], "model.dtype='bfloat16' is invalid: expected 'float32' for full fine-tuning: bf16 "
+                               "weights keep 8 mantissa bits, so AdamW steps at optim.lr=1e-05"),
+    (["rollout.old_logp=maybe"], "rollout.old_logp='maybe' is invalid: expected one of ['auto', 'sampler', 'recompute']"),
+    (["trainer.lm_head_chunk=-1"], "trainer.lm_head_chunk=-1 is invalid: expected an integer >= 0"),
+]
+
+
+@pytest.mark.parametrize("overrides,line", INVALID, ids=[" ".join(b[0]) for b in INVALID])
+def test_invalid_values_name_key_value_and_allowed(compose, overrides, line):
+    with pytest.raises(ConfigError) as e:
+        to_config(compose("model=tiny", *overrides))
+    assert str(e.value).startswith(line) and "\n" not in str(e.value)
+
+
+def test_bf16_base_is_accepted_under_lora(compose):
+    cfg = to_config(compose("model=tiny", "model.dtype=bfloat16", "model.lora.r=4"))
+    assert cfg.model.dtype == "bfloat16"
+
+
 BAD = [
     (["trainer.steps=-1"], "error: trainer.steps=-1 is invalid: expected an integer > 0"),
-    (["algo.group_size=1"], "error: algo.group_size=1 is invalid: expected an integer >= 2 (group advantages)"),
-    (["trainer.minibatches=3"],
-     "error: trainer.minibatches=3 is invalid: expected a divisor of prompts_per_step x group_size = 16"),
-    (["optim.lr=0"], "error: optim.lr=0.0 is invalid: expected a float > 0"),
-    (["rollout.temperature=0"], "error: rollout.temperature=0.0 is invalid: expected a float > 0"),
-    (["rollout.max_new_tokens=0"], "error: rollout.max_new_tokens=0 is invalid: expected an integer > 0"),
-    (["algo.eps_low=-0.1"], "error: algo.eps_low=-0.1 is invalid: expected a float >= 0"),
     (["task=nope"], "error: task='nope' is not a config option: expected one of "
                     "['arithmetic', 'gsm', 'reasoning_gym', 'zebra']"),
-    (["algo=ppo2"], "error: algo='ppo2' is not a config option: expected one of ['grpo', 'gspo', 'ppo']"),
+    (["algo=ppo2"], "error: algo='ppo2' is not a config option: expected one of ['dapo', 'grpo', 'gspo', 'ppo']"),
     (["trainer.steps=abc"],
      "error: trainer.steps='abc' is invalid: Value 'abc' of type 'str' could not be converted to Integer"),
     (["task.dataset=nope_ds"], "error: task.dataset='nope_ds' is not a reasoning-gym dataset"),

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, gspo
+from conftest import TINY, gspo, read_metrics, run_update, tiny_rollout
 from gspo_cli import algorithms, loop, models, rollout
 from gspo_cli.config import Config, ModelConfig, OptimConfig
 
@@ -22,11 +22,7 @@ def tiny_cfg(**lora):
     return cfg
 
 
-def batch(model, tok):
-    enc = tok(["2 + 2 =", "what is 3 - 1?"], return_tensors="pt", padding=True)
-    return rollout.generate(model, enc.input_ids.repeat_interleave(4, 0), enc.attention_mask.repeat_interleave(4, 0),
-                            max_new_tokens=8, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                            generator=torch.Generator().manual_seed(0))
+batch = tiny_rollout
 
 
 def logps(model, roll):
@@ -46,8 +42,9 @@ def test_lora_reference_is_the_base_model_with_adapters_disabled(tiny):
     roll = batch(base, tok)
     want = logps(base, roll)                                                          # (B, T)
     assert not torch.allclose(logps(policy, roll), want, atol=1e-3)
-    cfg = Config()
-    ref = loop.reference_logps(None, policy, roll, cfg, torch.device("cpu"))           # (B, T)
+    p = loop.Parts(Config(), policy, use_ref=True)
+    order = [torch.arange(4), torch.arange(4, 8)]
+    ref = loop.reference_logps(p, loop.Batch([], roll, [], [], torch.zeros(8)), order)   # (B, T)
     torch.testing.assert_close(ref, want, rtol=0, atol=1e-6)
     assert not torch.allclose(logps(policy, roll), want, atol=1e-3), "adapters are back on after the reference"
 
@@ -68,34 +65,25 @@ def test_lora_run_checkpoints_adapters_only_and_resumes_exactly(tmp_path):
     assert read(part) == read(straight)
 
 
-def test_adamw8bit_runs_on_cpu_with_8bit_state(tiny):
+def test_adamw8bit_runs_on_cpu_with_8bit_state(tiny, restored):
     bnb = pytest.importorskip("bitsandbytes")
     model, tok = tiny
-    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
-    try:
-        opt = loop.build_optimizer(model, OptimConfig(name="adamw8bit", lr=1e-2))
-        assert isinstance(opt, bnb.optim.AdamW8bit)
-        cfg = Config()
-        cfg.trainer.minibatches, cfg.algo.group_size = 1, 4
-        roll = batch(model, tok)
-        adv = algorithms.group_advantages(torch.tensor([1.0, 0, 0, 1, 0, 1, 1, 0]), 4)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
-        stats = loop.update(model, opt, sched, roll, adv, None, cfg, torch.Generator().manual_seed(0),
-                            loop.loss_kwargs(cfg))
-        assert stats["grad/nonfinite"] == 0
-        emb = model.get_input_embeddings().weight
-        assert opt.state[emb]["state1"].dtype == torch.uint8, "the embedding's Adam moments are 8-bit"
-        assert not torch.equal(emb, saved["model.embed_tokens.weight"])
-    finally:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(saved[n])
+    opt = models.build_optimizer(model, OptimConfig(name="adamw8bit", lr=1e-2))
+    assert isinstance(opt, bnb.optim.AdamW8bit)
+    cfg = Config()
+    cfg.trainer.minibatches, cfg.algo.group_size = 1, 4
+    adv = algorithms.group_advantages(torch.tensor([1.0, 0, 0, 1, 0, 1, 1, 0]), 4)
+    stats = run_update(model, batch(model, tok), adv, cfg, opt=opt)
+    assert stats["grad/nonfinite"] == 0
+    emb = model.get_input_embeddings().weight
+    assert opt.state[emb]["state1"].dtype == torch.uint8, "the embedding's Adam moments are 8-bit"
+    assert not torch.equal(emb, restored["model.embed_tokens.weight"])
 
 
 def test_bf16_autocast_keeps_log_probs_in_fp32_and_close_to_fp32(tiny):
     model, tok = tiny
     roll = batch(model, tok)
-    with loop.autocast(torch.device("cpu"), "bf16"):
+    with models.autocast(torch.device("cpu"), "bf16"):
         low = logps(model, roll)
     assert low.dtype == torch.float32 and next(model.parameters()).dtype == torch.float32
     assert (low - logps(model, roll)).abs().max() < 0.05
@@ -129,7 +117,7 @@ def test_bf16_8bit_and_checkpointing_run_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("override,line", [
-    ("trainer.precision=fp16", "error: trainer.precision='fp16' is invalid: expected 'fp32' or 'bf16'"),
+    ("trainer.precision=fp16", "error: trainer.precision='fp16' is invalid: expected one of ['auto', 'fp32', 'bf16']"),
     ("model.lora.r=-1", "error: model.lora.r=-1 is invalid: expected an integer >= 0"),
     ("trainer.devices=0", "error: trainer.devices=0 is invalid: expected an integer >= 1"),
     ("trainer.devices=3", "error: trainer.prompts_per_step=2 is invalid: expected a multiple of trainer.devices=3"),

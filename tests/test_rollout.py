@@ -76,7 +76,6 @@ def test_embedded_smollm2_loads_and_matches_its_sampling_logps():
     """The real GGUF model: dequantized, trainable, a real chat prompt, sampling log-probs == a fresh pass."""
     from gspo_cli import models, tasks
     from gspo_cli.config import ModelConfig, TaskConfig
-    from gspo_cli.loop import encode
 
     cfg = ModelConfig()
     tok = models.load_tokenizer(cfg)
@@ -85,7 +84,7 @@ def test_embedded_smollm2_loads_and_matches_its_sampling_logps():
     assert not getattr(model, "is_quantized", False) and all(p.requires_grad for p in model.parameters())
     task = tasks.build_task(TaskConfig(dataset="chain_sum", params=dict(min_terms=2, max_terms=2, min_digits=1,
                                                                         max_digits=1), eval_size=2), 0)
-    p_ids, p_mask = encode(tok, task, task.eval_entries[:2] + [{"question": "Hi", "answer": "1"}], "cpu")
+    p_ids, p_mask = tasks.encode(tok, task, task.eval_entries[:2] + [{"question": "Hi", "answer": "1"}], "cpu")
     text = tok.decode(p_ids[0][p_mask[0].bool()])
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
     r = rollout.generate(model, p_ids, p_mask, max_new_tokens=6, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,

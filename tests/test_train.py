@@ -1,11 +1,13 @@
 """The loop end to end: real `gspo train` subprocesses on the tiny model (GSPO and GRPO), W&B offline, checkpoints,
 resume; and an in-process check that an update changes every parameter.  pytest tests/test_train.py -q"""
 import json
+import math
 
+import pytest
 import torch
 
-from conftest import TINY, gspo
-from gspo_cli import algorithms, loop, rollout
+from conftest import TINY, gspo, run_update, tiny_rollout
+from gspo_cli import algorithms, rollout
 from gspo_cli.config import Config
 
 KEYS = ["reward/mean", "reward/std", "reward/accuracy", "clip/frac", "clip/frac_low", "clip/frac_high", "ratio/mean",
@@ -50,7 +52,24 @@ def test_grpo_run_logs_its_kl_term(tmp_path):
     out = gspo("train", *TINY, "algo=grpo", "trainer.steps=2", f"hydra.run.dir={run}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     last = rows(run)[-1]
-    assert set(KEYS) <= set(last) and "kl/loss" in last and last["kl/ref"] >= 0
+    assert set(KEYS) <= set(last) and "kl/loss" in last
+
+
+def test_grpo_kl_term_is_the_k3_mean_and_pulls_toward_the_reference(tiny, restored):
+    """The tiny model earns no reward, so a run's KL stays ~0; here the reference differs from the policy by hand."""
+    model, tok = tiny
+    cfg = Config()
+    cfg.algo.name, cfg.algo.eps_low, cfg.algo.eps_high, cfg.algo.beta = "grpo", 0.2, 0.2, 0.04
+    cfg.trainer.minibatches, cfg.algo.group_size, cfg.optim.lr = 1, 4, 1e-2
+    roll = tiny_rollout(model, tok)
+    ref_logp = roll.logp - 0.5 * roll.mask                                               # (B, T)
+    stats = run_update(model, roll, torch.zeros(8), cfg, ref_logp=ref_logp)
+    d = -0.5
+    assert stats["kl/loss"] == pytest.approx(math.exp(d) - d - 1, rel=1e-4)             # k3 at log-ratio −0.5
+    assert stats["grad/norm"] > 0, "with zero advantages only the KL term moves the policy"
+    with torch.no_grad():
+        after = rollout.token_logps(model, roll.prompt_ids, roll.prompt_mask, roll.ids, roll.mask)
+    assert ((after - roll.logp) * roll.mask).sum() < 0, "log-probs moved toward the (lower) reference"
 
 
 def test_resume_with_another_algorithm_is_refused(tmp_path):
@@ -61,28 +80,16 @@ def test_resume_with_another_algorithm_is_refused(tmp_path):
     assert "error: algo='grpo' does not match the checkpoint" in out.stderr
 
 
-def test_one_update_changes_every_parameter(tiny):
+def test_one_update_changes_every_parameter(tiny, restored):
     model, tok = tiny
-    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
     cfg = Config()
     cfg.trainer.minibatches, cfg.algo.group_size, cfg.optim.lr = 1, 4, 0.1
-    enc = tok(["2 + 2 =", "what is 3 - 1?"], return_tensors="pt", padding=True)
-    roll = rollout.generate(model, enc.input_ids.repeat_interleave(4, 0), enc.attention_mask.repeat_interleave(4, 0),
-                            max_new_tokens=8, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                            generator=torch.Generator().manual_seed(0))
     adv = algorithms.group_advantages(torch.tensor([1.0, 0, 0, 1, 0, 1, 1, 0]), 4)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
-    try:
-        stats = loop.update(model, opt, sched, roll, adv, None, cfg, torch.Generator().manual_seed(0),
-                            loop.loss_kwargs(cfg))
-        assert stats["grad/nonfinite"] == 0 and stats["grad/norm"] > 0
-        for n, p in model.named_parameters():
-            assert not torch.equal(p, saved[n]), f"{n} did not change"
-    finally:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(saved[n])
+    stats = run_update(model, tiny_rollout(model, tok), adv, cfg)
+    assert stats["grad/nonfinite"] == 0 and stats["grad/norm"] > 0
+    assert stats["rollout/logp_diff"] < 1e-5, "π_old from the fp32 sampler is the trainer's own log-prob"
+    for n, p in model.named_parameters():
+        assert not torch.equal(p, restored[n]), f"{n} did not change"
 
 
 def test_ppo_run_logs_value_metrics_and_checkpoints_the_value_head(tmp_path):
