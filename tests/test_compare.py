@@ -34,6 +34,7 @@ def wandb_records(run_dir):
     return [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
 
 
+@pytest.mark.slow
 def test_multirun_writes_one_dir_per_job_with_a_grouped_tagged_wandb_run(sweep):
     dirs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert dirs == ["0_gspo_s0", "1_gspo_s1", "2_grpo_s0", "3_grpo_s1"]
@@ -45,6 +46,7 @@ def test_multirun_writes_one_dir_per_job_with_a_grouped_tagged_wandb_run(sweep):
     assert [h["_step"] for h in logged] == [0, 1, 2, 3] and "clip/frac" in logged[1] and "reward/mean" in logged[3]
 
 
+@pytest.mark.slow
 def test_compare_table_plots_and_incomplete_runs(sweep, tmp_path):
     work = tmp_path / "sw"
     shutil.copytree(sweep, work)

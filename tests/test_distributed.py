@@ -18,6 +18,7 @@ HERE = Path(__file__).parent
 TIMING = {"time/rollout", "time/update", "time/step", "tokens_per_s"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo,agg", [("gspo", "seq_mean_token_mean"), ("grpo", "token_mean"), ("ppo", "token_mean")])
 def test_two_gloo_ranks_give_the_gradients_of_one_process_over_the_global_batch(tmp_path, algo, agg):
     out = tmp_path / "rank0.pt"
@@ -40,6 +41,7 @@ def rows(run_dir):
             for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_rank_run_logs_once_checkpoints_on_rank_0_and_resumes_exactly(tmp_path):
     args = [*TINY, "trainer.prompts_per_step=4", "trainer.devices=2", "logger.wandb.mode=offline"]
     straight, part = tmp_path / "straight", tmp_path / "part"
@@ -61,6 +63,7 @@ def test_two_rank_run_logs_once_checkpoints_on_rank_0_and_resumes_exactly(tmp_pa
     assert out.returncode == 2 and "was written by 2 rank(s), this run has 1" in out.stderr
 
 
+@pytest.mark.slow
 def test_bare_torchrun_needs_one_run_dir_for_all_ranks(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "gspo_cli.cli", "train", *TINY, "trainer.steps=1"], cwd=tmp_path, env=ENV,
@@ -84,6 +87,7 @@ def test_slurm_presets_compose_and_a_requeued_job_resumes():
     assert again.args[0] == ["algo=gspo", "seed=1", "resume=auto"], "the requeued job continues from its checkpoint"
 
 
+@pytest.mark.slow
 def test_slurm_tasks_become_ranks_through_submitit_environment(tmp_path):
     """Two `gspo train` processes with the variables SLURM gives two tasks of one job (what slurm_8gpu starts,
     at 2 instead of 8): submitit's TorchDistributedEnvironment makes them ranks 0 and 1 of one gloo group."""

@@ -51,8 +51,8 @@ def same(key, got, want) -> bool:
     return math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-7)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith("smollm2") else n
-                                  for n in RUNS])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RUNS))
 def test_metrics_equal_the_recorded_ones(tmp_path, name):
     want = json.loads(GOLDEN.read_text())[name]
     got = run_metrics(name, tmp_path)

@@ -49,6 +49,7 @@ def test_lora_reference_is_the_base_model_with_adapters_disabled(tiny):
     assert not torch.allclose(logps(policy, roll), want, atol=1e-3), "adapters are back on after the reference"
 
 
+@pytest.mark.slow
 def test_lora_run_checkpoints_adapters_only_and_resumes_exactly(tmp_path):
     args = [*TINY, "algo=ppo", "model.lora.r=4"]
     straight, part = tmp_path / "straight", tmp_path / "part"
@@ -107,6 +108,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
         torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-7, msg=n)
 
 
+@pytest.mark.slow
 def test_bf16_8bit_and_checkpointing_run_end_to_end(tmp_path):
     out = gspo("train", *TINY, "trainer.precision=bf16", "optim=adamw8bit", "model.gradient_checkpointing=true",
                "trainer.steps=2",

@@ -43,6 +43,7 @@ def wait_for_step(proc, run, step, timeout=300):
     raise TimeoutError(f"step {step} not reached")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["gspo", "grpo", "ppo"])
 def test_kill_9_at_a_random_step_then_resume_equals_the_uninterrupted_run(tmp_path, algo):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -64,6 +65,7 @@ def test_kill_9_at_a_random_step_then_resume_equals_the_uninterrupted_run(tmp_pa
     assert len(ids) == 1, f"the W&B run is resumed, not duplicated: {ids}"
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     run = tmp_path / "run"
     proc = popen([*TINY, "trainer.steps=50", "trainer.save_every=100", f"hydra.run.dir={run}"], tmp_path)
@@ -76,6 +78,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     assert checkpoint.latest(run).name == f"step_{last:06d}" and last < 50
 
 
+@pytest.mark.slow
 def test_kill_9_in_the_middle_of_a_real_save_then_resume(tmp_path):
     """A model big enough (~60 M params, ~0.7 GB with AdamW state) that a save takes a while: kill -9 the moment the
     temporary checkpoint dir of step 2 appears; step 1's checkpoint must load, and resume must finish the run."""

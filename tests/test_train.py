@@ -20,6 +20,7 @@ def rows(run):
     return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_gspo_run_writes_everything_and_resume_continues_exactly(tmp_path):
     straight, part = tmp_path / "straight", tmp_path / "part"
     out = gspo("train", *TINY, "trainer.steps=4", f"hydra.run.dir={straight}", cwd=tmp_path)
@@ -47,6 +48,7 @@ def test_gspo_run_writes_everything_and_resume_continues_exactly(tmp_path):
     assert (part / ".hydra" / "config.yaml").read_text().count("steps: 2") == 1, "the original config is kept"
 
 
+@pytest.mark.slow
 def test_grpo_run_logs_its_kl_term(tmp_path):
     run = tmp_path / "grpo"
     out = gspo("train", *TINY, "algo=grpo", "trainer.steps=2", f"hydra.run.dir={run}", cwd=tmp_path)
@@ -72,6 +74,7 @@ def test_grpo_kl_term_is_the_k3_mean_and_pulls_toward_the_reference(tiny, restor
     assert ((after - roll.logp) * roll.mask).sum() < 0, "log-probs moved toward the (lower) reference"
 
 
+@pytest.mark.slow
 def test_resume_with_another_algorithm_is_refused(tmp_path):
     run = tmp_path / "r"
     assert gspo("train", *TINY, "trainer.steps=1", f"hydra.run.dir={run}", cwd=tmp_path).returncode == 0
@@ -92,6 +95,7 @@ def test_one_update_changes_every_parameter(tiny, restored):
         assert not torch.equal(p, restored[n]), f"{n} did not change"
 
 
+@pytest.mark.slow
 def test_ppo_run_logs_value_metrics_and_checkpoints_the_value_head(tmp_path):
     run = tmp_path / "ppo"
     out = gspo("train", *TINY, "algo=ppo", "trainer.steps=2", f"hydra.run.dir={run}", cwd=tmp_path)
