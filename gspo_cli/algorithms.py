@@ -220,6 +220,23 @@ FOLD = {"ratio/min": "min", "ratio/max": "max", "ratio/mean": "ratios", "loss/po
         "loss/value": "updates", "tokens": None, "ratios": None}
 
 
+def fold(acc: dict, stats: dict) -> None:
+    """Add one minibatch's loss stats to `acc` as `FOLD` declares (token-weighted by default)."""
+    for k, v in stats.items():
+        how = FOLD.get(k, "tokens")
+        if how in ("min", "max"):
+            acc[k] = v if k not in acc else (min if how == "min" else max)(acc[k], v)
+        elif how is not None:
+            w = stats.get(how, 1.0)                                # "updates": each minibatch counts once
+            total, weight = acc.get(k, (0.0, 0.0))
+            acc[k] = (total + v * w, weight + w)
+
+
+def folded(acc: dict) -> dict:
+    """The minibatch-folded stats: weighted means divided out."""
+    return {k: v if not isinstance(v, tuple) else v[0] / max(v[1], 1.0) for k, v in acc.items()}
+
+
 def get(name: str) -> Algorithm:
     if name not in ALGORITHMS:
         raise ValueError(f"algo={name!r}; expected one of {sorted(ALGORITHMS)}")

@@ -7,7 +7,9 @@ a validated `Config`, resolves `resume=`, and calls `loop.train`. Nothing else l
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -21,6 +23,9 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 COMMANDS = {"train": "train a policy (Hydra app; `gspo train --help` lists the config groups)",
             "plan": "estimated peak accelerator memory of a train command, no weights loaded: gspo plan OVERRIDES",
             "compare": "results table and plots from run/sweep dirs: gspo compare DIR... [compare.out=results]"}
+
+
+LOCK_HELD = "GSPO_RUN_DIR_LOCK_HELD"   # set for the ranks a launcher started: it holds the run dir's lock for them
 
 
 def _resumes_into(resume) -> bool:
@@ -43,15 +48,60 @@ OmegaConf.register_new_resolver("gspo_output_subdir", _output_subdir, replace=Tr
 
 
 def _resumed_config(cfg: DictConfig, state: dict, overrides: list[str]) -> DictConfig:
-    """The checkpoint's own config, with this command's plain key=value overrides on top (e.g. trainer.steps=80)."""
-    saved = OmegaConf.create(state["config"])
+    """The checkpoint's own config, with this command's plain key=value overrides on top (e.g. trainer.steps=80).
+    W&B settings come from this command alone: a checkpoint never switches logging online or to another project."""
+    saved = _plain_saved_config(state["config"], cfg.resume)
     chosen = {o.lstrip("+").split("=", 1)[0] for o in overrides}
     for key in ("algo", "model"):
         if key in chosen and saved[key]["name"] != cfg[key]["name"]:
             raise ConfigError(f"{key}={cfg[key]['name']!r} does not match the checkpoint in resume={cfg.resume!r}, "
                               f"which is {key}={saved[key]['name']!r}: expected the same {key} (or no {key} override)")
     dotted = [o.lstrip("+") for o in overrides if "." in o.split("=", 1)[0] and not o.startswith("~")]
-    return OmegaConf.merge(saved, OmegaConf.from_dotlist(dotted), {"resume": cfg.resume})
+    merged = OmegaConf.merge(saved, OmegaConf.from_dotlist(dotted), {"resume": cfg.resume})
+    merged.logger = cfg.logger
+    if merged.task.reward_fn is not None and merged.task.reward_fn != cfg.task.reward_fn:
+        raise ConfigError(f"resume={cfg.resume!r}: the checkpoint names task.reward_fn={merged.task.reward_fn!r}, code "
+                          f"that is imported only when this command names it too: expected "
+                          f"task.reward_fn={merged.task.reward_fn} on the command line")
+    if merged.trainer.steps <= state["step"]:
+        raise ConfigError(f"trainer.steps={merged.trainer.steps} is invalid: the checkpoint in resume={cfg.resume!r} "
+                          f"is at step {state['step']}; expected trainer.steps > {state['step']} to continue it")
+    return merged
+
+
+def _plain_saved_config(saved, resume) -> DictConfig:
+    """A checkpoint's config as plain data: an interpolation (`${oc.env:...}`) in it is refused, never resolved."""
+    def strings(x):
+        if isinstance(x, dict):
+            return [s for v in x.values() for s in strings(v)]
+        if isinstance(x, list):
+            return [s for v in x for s in strings(v)]
+        return [x] if isinstance(x, str) else []
+    bad = [v for v in strings(saved) if "${" in v]
+    if not isinstance(saved, dict) or bad:
+        raise ConfigError(f"resume={resume!r}: the checkpoint's config holds an interpolation ({bad[0][:60]!r}) "
+                          "where gspo train saves resolved values: expected a checkpoint written by gspo train")
+    return OmegaConf.create(saved)
+
+
+def _resume_state(resume, run_dir: Path):
+    """The checkpoint to continue from (None for a fresh run), after checking that `resume` names a run dir."""
+    from . import checkpoint
+
+    warn = lambda line: print(f"warning: {line}", file=sys.stderr)  # noqa: E731
+    if resume == "auto":
+        return checkpoint.load(run_dir, warn) if checkpoint.latest(run_dir) else None
+    if resume is None:
+        if checkpoint.latest(run_dir):
+            raise ConfigError(f"hydra.run.dir={str(run_dir)!r} already holds a run with checkpoints: expected "
+                              f"resume={run_dir} (or resume=auto) to continue it, or another run dir")
+        return None
+    if not Path(resume).is_dir():
+        raise ConfigError(f"resume={resume!r} is not a directory: expected a gspo run dir")
+    if (Path(resume) / "state.pt").is_file():
+        raise ConfigError(f"resume={resume!r} is a checkpoint dir: expected its run dir "
+                          f"({Path(resume).parent.parent}), where the run continues")
+    return checkpoint.load(resume, warn)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -65,42 +115,74 @@ def train(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     world = distributed.world_size_from_env()
+    main_rank = distributed.rank_from_env() == 0
+    holds_lock = main_rank and LOCK_HELD not in os.environ   # rank 0, or the launcher that starts the ranks
     try:
-        state = None
-        if cfg.resume == "auto":
-            state = checkpoint.load(run_dir) if checkpoint.latest(run_dir) else None
-        elif cfg.resume is not None:
-            if not Path(cfg.resume).is_dir():
-                raise ConfigError(f"resume={cfg.resume!r} is not a directory: expected a gspo run dir")
-            state = checkpoint.load(cfg.resume)
-        if state is not None:
-            cfg = _resumed_config(cfg, state, list(hc.overrides.task))
-        if world > 1:
-            _check_shared_run_dir(hc, cfg)
-            cfg.trainer.devices = world
-        if cfg.logger.wandb.group is None and hc.mode.name == "MULTIRUN":
-            cfg.logger.wandb.group = Path(hc.sweep.dir).name
-        if not cfg.logger.wandb.tags:
-            cfg.logger.wandb.tags = [f"algo={cfg.algo.name}", f"seed={cfg.seed}", f"task={cfg.task.name}",
-                                     f"model={cfg.model.name}"]
-        typed = config_mod.to_config(cfg)
-        if world == 1 and typed.trainer.devices > 1:
-            sys.exit(_relaunch_under_torchrun(typed.trainer.devices, list(hc.overrides.task), run_dir))
-        plain = OmegaConf.to_container(OmegaConf.structured(typed), resolve=True)
-        if os.environ.get("RANK", "0") == "0":
-            console.print(f"run dir: {run_dir}", highlight=False)
-        loop.train(typed, run_dir, plain, resume_state=state)
+        with _run_dir_lock(run_dir) if holds_lock else contextlib.nullcontext():
+            state = _resume_state(cfg.resume, run_dir)
+            typed, plain = _final_config(cfg, state, hc, world)
+            if world == 1 and typed.trainer.devices > 1:
+                sys.exit(_relaunch_under_torchrun(typed.trainer.devices, list(hc.overrides.task), run_dir))
+            if main_rank:
+                console.print(f"run dir: {run_dir}", highlight=False)
+            loop.train(typed, run_dir, plain, resume_state=state)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"error: {e}", 2)
     except loop.Stop as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        sys.exit(e.code)
+        _fail(f"stopped: {e}", e.code)
+    except checkpoint.SaveError as e:
+        _fail(f"error: {e}", 5)
+    except KeyboardInterrupt:
+        last = checkpoint.latest(run_dir)
+        _fail(f"stopped: interrupted twice, at once; the last checkpoint ({last or 'none yet'}) is intact", 130)
     except torch.cuda.OutOfMemoryError as e:
-        print(f"error: out of GPU memory ({str(e).splitlines()[0][:120]}); reduce it with trainer.minibatches=<more>, "
+        _fail(f"error: out of GPU memory ({str(e).splitlines()[0][:120]}); reduce it with trainer.minibatches=<more>, "
               "rollout.max_new_tokens=<fewer>, model.gradient_checkpointing=true, optim=adamw8bit, "
-              "trainer.prompts_per_step=<fewer> or a smaller model", file=sys.stderr)
-        sys.exit(4)
+              "trainer.prompts_per_step=<fewer> or a smaller model (`gspo plan` estimates each)", 4)
+
+
+def _final_config(cfg: DictConfig, state, hc, world: int):
+    """The run's config: the checkpoint's on resume, this command's overrides on top, W&B group and tags filled in;
+    -> (validated Config, the same as plain data for the checkpoint and W&B)."""
+    if state is not None:
+        cfg = _resumed_config(cfg, state, list(hc.overrides.task))
+    if world > 1:
+        _check_shared_run_dir(hc, cfg)
+        cfg.trainer.devices = world
+    if cfg.logger.wandb.group is None and hc.mode.name == "MULTIRUN":
+        cfg.logger.wandb.group = Path(hc.sweep.dir).name
+    if not cfg.logger.wandb.tags:
+        cfg.logger.wandb.tags = [f"algo={cfg.algo.name}", f"seed={cfg.seed}", f"task={cfg.task.name}",
+                                 f"model={cfg.model.name}"]
+    typed = config_mod.to_config(cfg)
+    return typed, OmegaConf.to_container(OmegaConf.structured(typed), resolve=True)
+
+
+def _fail(line: str, code: int):
+    print(line, file=sys.stderr)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def _run_dir_lock(run_dir: Path):
+    """An exclusive lock on the run dir for the run's life: a second `gspo train` there gets one line, not a run
+    that interleaves metrics and checkpoints with the first."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise ConfigError(f"hydra.run.dir={str(run_dir)!r} is in use by another gspo train (pid {holder}): "
+                              "expected another run dir, or wait for that run to end") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
 
 
 def _relaunch_under_torchrun(devices: int, overrides: list[str], run_dir: Path) -> int:
@@ -111,7 +193,14 @@ def _relaunch_under_torchrun(devices: int, overrides: list[str], run_dir: Path) 
            "-m", "gspo_cli.cli", "train", *[o for o in overrides if not o.startswith("hydra.run.dir=")],
            f"hydra.run.dir={run_dir}"]
     print(f"launching {devices} ranks: {' '.join(cmd[1:])}", file=sys.stderr)
-    return subprocess.run(cmd).returncode
+    child = subprocess.Popen(cmd, env={**os.environ, LOCK_HELD: "1"})   # this process holds the run dir's lock
+    forward = lambda signum, _frame: child.send_signal(signum)  # noqa: E731  torchrun passes it on to every rank
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait()   # the ranks finish their step and checkpoint before they exit
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 def _check_shared_run_dir(hc, cfg) -> None:

@@ -6,7 +6,9 @@ the key, the value and what is allowed. Everything below `cli.py` receives these
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -68,6 +70,7 @@ class TaskConfig:
     system_prompt: str = "Answer with the final answer only, inside <answer></answer> tags."
     format_reward: float = 0.0         # added when the completion has a well-formed <answer>...</answer>
     eval_size: int = 64                # held-out prompts, disjoint from training
+    reward_fn: Optional[str] = None    # module:function, score(prompt, completion, answer) -> float; replaces the verifier
     eval_seed: int = 1234              # seed of the held-out generator
 
 
@@ -149,9 +152,27 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 def validate(cfg: Config) -> Config:
     """Range and cross-field checks; raise ConfigError naming the first bad key."""
+    for key, value in _floats(cfg):
+        _check(math.isfinite(value), key, value, "a finite number")
+    _validate_algo(cfg.algo)
+    _validate_model_and_optim(cfg)
+    _validate_run(cfg)
+    return cfg
+
+
+def _floats(node, prefix: str = ""):
+    """(dotted key, value) of every float in the config tree."""
+    for f in fields(node):
+        value = getattr(node, f.name)
+        if is_dataclass(value):
+            yield from _floats(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            yield f"{prefix}{f.name}", value
+
+
+def _validate_algo(a: AlgoConfig) -> None:
     from .algorithms import ALGORITHMS  # torch: imported only when a run is validated
 
-    a, t, r, o, m = cfg.algo, cfg.trainer, cfg.rollout, cfg.optim, cfg.model
     _check(a.name in ALGORITHMS, "algo.name", a.name, f"one of {sorted(ALGORITHMS)}")
     for key in sorted(set(vars(AlgoConfig())) - ALGORITHMS[a.name].reads()):
         value, default = getattr(a, key), getattr(AlgoConfig(), key)
@@ -171,6 +192,10 @@ def validate(cfg: Config) -> Config:
     _check(a.beta >= 0, "algo.beta", a.beta, "a float >= 0")
     _check(a.variant in ("sequence", "token"), "algo.variant", a.variant, "'sequence' or 'token'")
     _check(a.loss_agg in LOSS_AGGS, "algo.loss_agg", a.loss_agg, f"one of {list(LOSS_AGGS)}")
+
+
+def _validate_model_and_optim(cfg: Config) -> None:
+    m, o, a = cfg.model, cfg.optim, cfg.algo
     _check(m.source in ("gguf", "hub", "tiny", "random"), "model.source", m.source,
            "one of ['gguf', 'hub', 'tiny', 'random']")
     _check(m.source != "random" or "model_type" in m.arch, "model.arch", m.arch,
@@ -185,8 +210,17 @@ def validate(cfg: Config) -> Config:
            "'shared' with model.lora.r > 0 (the LoRA reference is the base with adapters off; one trunk only)")
     _check(bool(m.lora.target_modules), "model.lora.target_modules", m.lora.target_modules, "a non-empty list")
     _check(o.name in ("adamw", "adamw8bit"), "optim.name", o.name, "'adamw' or 'adamw8bit'")
-    _check(o.lr > 0, "optim.lr", o.lr, "a float > 0")
+    _check(0 < o.lr <= 1, "optim.lr", o.lr, "a float in (0, 1]")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "an integer >= 0")
+    _check(0 <= o.beta1 < 1, "optim.beta1", o.beta1, "a float in [0, 1)")
+    _check(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "a float in [0, 1)")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a float >= 0")
+    _check(0 <= m.lora.dropout < 1, "model.lora.dropout", m.lora.dropout, "a float in [0, 1)")
+
+
+def _validate_run(cfg: Config) -> None:
+    a, t, r = cfg.algo, cfg.trainer, cfg.rollout
+    _check(cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
     _check(r.max_new_tokens > 0, "rollout.max_new_tokens", r.max_new_tokens, "an integer > 0")
     _check(r.temperature > 0, "rollout.temperature", r.temperature, "a float > 0")
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "a float in (0, 1]")
@@ -213,10 +247,13 @@ def validate(cfg: Config) -> Config:
     _check(t.max_nonfinite >= 0, "trainer.max_nonfinite", t.max_nonfinite, "an integer >= 0")
     _check(t.threads >= 0, "trainer.threads", t.threads, "an integer >= 0")
     _check(cfg.task.eval_size >= 0, "task.eval_size", cfg.task.eval_size, "an integer >= 0")
+    _check(bool(cfg.task.dataset), "task.dataset", cfg.task.dataset,
+           "a reasoning-gym dataset name (task=reasoning_gym needs task.dataset=NAME, e.g. leg_counting)")
     _check(cfg.task.format_reward >= 0, "task.format_reward", cfg.task.format_reward, "a float >= 0")
     _check(cfg.logger.wandb.mode in ("offline", "online", "disabled"), "logger.wandb.mode", cfg.logger.wandb.mode,
            "one of ['offline', 'online', 'disabled']")
-    return cfg
+    _check(cfg.task.eval_size > 0 or t.eval_every == 0, "task.eval_size", cfg.task.eval_size,
+           f"an integer > 0 with trainer.eval_every={t.eval_every} (or trainer.eval_every=0: no eval)")
 
 
 def to_config(cfg: DictConfig) -> Config:

@@ -33,6 +33,13 @@ def world_size_from_env() -> int:
     return 1
 
 
+def rank_from_env() -> int:
+    """This process's global rank before the process group exists: torchrun's RANK, or a SLURM task's id."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    return int(os.environ.get("SLURM_PROCID", "0")) if world_size_from_env() > 1 else 0
+
+
 def setup() -> Ranks:
     """Join the process group when launched as several ranks (nccl on CUDA, gloo on CPU)."""
     if world_size_from_env() == 1:

@@ -10,6 +10,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+import torch
+
+from . import algorithms, distributed
+from .config import ConfigError
+
 console = Console(stderr=True)
 PROGRESS_KEYS = {"reward/mean": "reward", "reward/accuracy": "acc", "eval/accuracy": "eval_acc", "clip/frac": "clip",
                  "time/step": "s/step"}
@@ -18,9 +23,17 @@ SUMMARY_KEYS = ("reward/mean", "reward/accuracy", "eval/accuracy", "clip/frac", 
 
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep the rows of steps <= last_step: a resumed run re-does what came after its checkpoint."""
+    """Keep the rows of steps <= last_step (none on a fresh start): a resumed run re-does what came after its
+    checkpoint. A line cut by a crash is dropped."""
     if path.exists():
-        rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
+        rows = []
+        for ln in path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(ln)
+            except json.JSONDecodeError:
+                continue
+            if last_step > 0 and row.get("step", last_step + 1) <= last_step:
+                rows.append(ln)
         path.write_text("".join(r + "\n" for r in rows))
 
 
@@ -51,10 +64,19 @@ class RunLogger:
         if wandb_cfg.mode != "disabled":
             import wandb
 
-            self.wandb = wandb.init(project=wandb_cfg.project, group=wandb_cfg.group, tags=list(wandb_cfg.tags),
-                                    name=name or self.run_dir.name, dir=str(self.run_dir), mode=wandb_cfg.mode,
-                                    id=wandb_id, resume="allow", config=config,
-                                    settings=wandb.Settings(console="off", silent=True))
+            id_file = self.run_dir / "wandb" / "gspo_run_id"  # a restart before the first checkpoint: the same run
+            wandb_id = wandb_id or (id_file.read_text().strip() if id_file.is_file() else None)
+            try:
+                self.wandb = wandb.init(project=wandb_cfg.project, group=wandb_cfg.group, tags=list(wandb_cfg.tags),
+                                        name=name or self.run_dir.name, dir=str(self.run_dir), mode=wandb_cfg.mode,
+                                        id=wandb_id, resume="allow", config=config,
+                                        settings=wandb.Settings(console="off", silent=True))
+            except Exception as e:  # noqa: BLE001 — wandb raises many types (no credentials, no network, ...)
+                raise ConfigError(f"logger.wandb.mode={wandb_cfg.mode!r}: W&B did not start "
+                                  f"({str(e).strip().splitlines()[0][:120]}): expected `wandb login` for online, or "
+                                  "logger.wandb.mode=offline") from None
+            id_file.parent.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(self.wandb.id)
         self.wandb_id = self.wandb.id if self.wandb is not None else None
         self.progress = None
         if console.is_terminal:
@@ -95,3 +117,25 @@ class RunLogger:
             if vals:
                 table.add_row(k, f"{vals[0]:.4g}", f"{vals[-1]:.4g}")
         console.print(table)
+
+
+def step_row(p, batch, old_logp, ref_logp, stats: dict, t0, t1, t2) -> dict:
+    """The step's metrics row from the loop's parts and batch (`loop.Parts`, `loop.Batch`): per-response metrics
+    over the global batch, then every rank's stats reduced."""
+    trainer, mask, token_mean = p.cfg.trainer, batch.roll.mask, algorithms.token_mean
+    rows = torch.tensor([[s["correct"], s["format"], s["error"]] for s in batch.scores], dtype=torch.float32,
+                        device=p.device)                                                               # (B, 3)
+    rows = torch.cat([batch.rewards[:, None], rows, mask.sum(-1, keepdim=True),
+                      (~batch.roll.finished).float()[:, None]], dim=1)                                # (B, 6)
+    r, correct, fmt, err, lengths, clipped = distributed.gather(rows, p.ranks).T.contiguous()      # (B_all,) x6
+    return {"reward/mean": r.mean().item(), "reward/std": r.std().item(), "reward/accuracy": correct.mean().item(),
+            "reward/format": fmt.mean().item(), "reward/verifier_errors": err.sum().item(),
+            "reward/zero_std_frac": (r.view(-1, p.cfg.algo.group_size).std(-1) == 0).float().mean().item(),
+            "len/mean": lengths.mean().item(), "len/clipped_frac": clipped.mean().item(),
+            **distributed.reduce_metrics({
+                **stats,
+                "kl/ref": token_mean(algorithms.k3_kl(old_logp, ref_logp), mask).item() if ref_logp is not None
+                else float("nan"),
+                "entropy": token_mean(batch.roll.entropy, mask).item(), "lr": p.sched.get_last_lr()[0],
+                "time/rollout": t1 - t0, "time/update": t2 - t1, "time/step": t2 - t0,
+                "tokens_per_s": mask.sum().item() * (1 + trainer.epochs) / (t2 - t0)}, p.ranks, p.device)}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,31 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import algorithms, checkpoint, distributed, models, rollout, tasks
-from .config import Config, ConfigError
+from . import algorithms, checkpoint, distributed, models, rollout, stopping, tasks
+from .config import Config
 from .distributed import Ranks
-from .logging import NullLogger, RunLogger, console
+from .logging import NullLogger, RunLogger, step_row
+from .stopping import Stop  # noqa: F401  loop.Stop is what callers catch
 
 Tensor = torch.Tensor
-
-
-class Stop(Exception):
-    """The run stopped early on purpose (a signal, or too many non-finite steps), after saving a checkpoint."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
-
-
-class PolicyForward(torch.nn.Module):
-    """`rollout.token_logps` of the policy as a module's forward, so that DDP's gradient hooks see the update."""
-
-    def __init__(self, policy):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, *args, **kwargs):
-        return rollout.token_logps(self.policy, *args, **kwargs)
 
 
 @dataclass
@@ -60,7 +41,7 @@ class Parts:
     task: tasks.Task | None = None
     ref_model: torch.nn.Module | None = None       # the frozen reference; None with LoRA (adapters off) or no KL
     use_ref: bool = False
-    forward: torch.nn.Module | None = None         # PolicyForward(policy), DDP-wrapped with several ranks
+    forward: torch.nn.Module | None = None         # rollout.PolicyForward(policy), DDP-wrapped with several ranks
     ranks: Ranks = field(default_factory=Ranks)
     device: torch.device = torch.device("cpu")
     precision: str = "fp32"                        # trainer.precision with auto resolved
@@ -68,7 +49,7 @@ class Parts:
     shuffle_gen: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(1))
 
     def __post_init__(self):
-        self.forward = self.forward if self.forward is not None else PolicyForward(self.policy)
+        self.forward = self.forward if self.forward is not None else rollout.PolicyForward(self.policy)
 
     def autocast(self):
         return models.autocast(self.device, self.precision)
@@ -81,24 +62,6 @@ class Batch:
     completions: list          # B decoded responses
     scores: list               # B verifier results: {'reward', 'correct', 'format', 'error'}
     rewards: Tensor            # (B,)
-
-
-@contextlib.contextmanager
-def caught_signals():
-    """SIGTERM (SLURM pre-emption) and SIGINT: the first one finishes the step, checkpoints and stops; a second one
-    stops at once (the last checkpoint stays intact). The previous handlers are back when the run ends."""
-    caught = {}
-
-    def handler(signum, _frame):
-        if "signal" in caught:
-            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
-        caught["signal"] = signum
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield caught
-    finally:
-        for sig, h in previous.items():
-            signal.signal(sig, h)
 
 
 def build(cfg: Config, ranks: Ranks) -> Parts:
@@ -118,7 +81,7 @@ def build(cfg: Config, ranks: Ranks) -> Parts:
     ref_model = models.frozen_copy(policy) if use_ref and not models.is_lora(policy) else None
     if gae:
         models.add_value_head(policy, separate=cfg.algo.critic == "separate")
-    forward = PolicyForward(policy)
+    forward = rollout.PolicyForward(policy)
     if ranks.world > 1:
         forward = torch.nn.parallel.DistributedDataParallel(
             forward, device_ids=[ranks.local] if device.type == "cuda" else None, broadcast_buffers=False,
@@ -131,23 +94,6 @@ def build(cfg: Config, ranks: Ranks) -> Parts:
     return Parts(cfg, policy, opt, sched, tok, task, ref_model, use_ref, forward, ranks, device, precision,
                  sample_gen=torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * ranks.rank),  # rank 0: 1-rank
                  shuffle_gen=torch.Generator().manual_seed(cfg.seed + 1))
-
-
-def restore(p: Parts, state: dict | None, run_dir: Path) -> tuple[int, int, str | None]:
-    """Weights, optimizer, schedule and every rank's RNGs from a checkpoint -> (step, prompt cursor, W&B run id)."""
-    if state is None:
-        return 0, 0, None
-    models.load_trainable_state(p.policy, state["model"])
-    p.opt.load_state_dict(state["optimizer"])
-    p.sched.load_state_dict(state["scheduler"])
-    saved_rngs = state.get("rng_ranks", [state["rng"]])
-    if len(saved_rngs) != p.ranks.world:
-        raise ConfigError(f"resume={str(run_dir)!r} was written by {len(saved_rngs)} rank(s), this run has "
-                          f"{p.ranks.world}: expected trainer.devices={len(saved_rngs)} to continue it exactly")
-    checkpoint.set_rng_state(saved_rngs[p.ranks.rank], p.sample_gen, p.shuffle_gen)
-    if p.ranks.main:
-        console.print(f"resumed from step {state['step']}", highlight=False)
-    return state["step"], state["cursor"], state["wandb_id"]
 
 
 @torch.no_grad()
@@ -176,16 +122,6 @@ def minibatch_order(B: int, p: Parts) -> list[Tensor]:
     return order
 
 
-def per_minibatch(fn, roll: rollout.Rollout, order: list[Tensor]) -> Tensor:
-    """fn(prompt_ids, prompt_mask, ids, mask) -> (b, t) on each minibatch's trimmed rows, put back into (B, T)."""
-    out = torch.zeros_like(roll.mask)                                                   # (B, T)
-    for idx in order:
-        p_ids, p_mask, ids, mask = rollout.trim(roll.prompt_ids[idx], roll.prompt_mask[idx], roll.ids[idx],
-                                                roll.mask[idx])
-        out[idx, :ids.shape[1]] = fn(p_ids, p_mask, ids, mask)
-    return out
-
-
 @torch.no_grad()
 def old_logps(p: Parts, batch: Batch, first_epoch: list[Tensor]) -> Tensor:
     """π_old (B, T): the sampler's log-probs when the trainer computes as the sampler did (fp32 weights, no
@@ -196,8 +132,8 @@ def old_logps(p: Parts, batch: Batch, first_epoch: list[Tensor]) -> Tensor:
     if mode == "sampler" or (mode == "auto" and same_numerics):
         return roll.logp
     with p.autocast():
-        return per_minibatch(lambda *a: p.forward(*a, p.cfg.rollout.temperature, chunk=p.cfg.trainer.lm_head_chunk),
-                             roll, first_epoch)
+        return rollout.per_minibatch(lambda *a: p.forward(*a, p.cfg.rollout.temperature,
+                                                          chunk=p.cfg.trainer.lm_head_chunk), roll, first_epoch)
 
 
 @torch.no_grad()
@@ -208,8 +144,9 @@ def reference_logps(p: Parts, batch: Batch, order: list[Tensor]) -> Tensor | Non
     model = p.ref_model if p.ref_model is not None else p.policy
     adapters_off = p.policy.disable_adapter() if p.ref_model is None else contextlib.nullcontext()
     with p.autocast(), adapters_off:
-        return per_minibatch(lambda *a: rollout.token_logps(model, *a, p.cfg.rollout.temperature,
-                                                            chunk=p.cfg.trainer.lm_head_chunk), batch.roll, order)
+        return rollout.per_minibatch(lambda *a: rollout.token_logps(model, *a, p.cfg.rollout.temperature,
+                                                                    chunk=p.cfg.trainer.lm_head_chunk),
+                                     batch.roll, order)
 
 
 def advantages(p: Parts, batch: Batch, old_logp: Tensor, ref_logp: Tensor | None, order: list[Tensor]):
@@ -219,7 +156,7 @@ def advantages(p: Parts, batch: Batch, old_logp: Tensor, ref_logp: Tensor | None
     if algorithms.get(a.name).advantage == "group":
         return algorithms.group_advantages(batch.rewards, a.group_size, a.scale_rewards), None, {}       # (B,)
     with torch.no_grad(), p.autocast():
-        old_values = per_minibatch(lambda *x: rollout.values(p.policy, *x), roll, order)                # (B, T)
+        old_values = rollout.per_minibatch(lambda *x: rollout.values(p.policy, *x), roll, order)       # (B, T)
     token_r = algorithms.ppo_token_rewards(batch.rewards, old_logp, ref_logp, roll.mask, a.kl_coef)     # (B, T)
     adv, returns = algorithms.gae(token_r, old_values, roll.mask, a.gamma, a.lam)                       # (B, T) x2
     m = roll.mask.bool()
@@ -237,18 +174,6 @@ def loss_knobs(cfg: Config) -> dict:
     kw = {k: getattr(cfg.algo, k) for k in knobs}
     kw["loss_agg"] = knobs["loss_agg"] if kw["loss_agg"] == "default" else kw["loss_agg"]
     return kw
-
-
-def fold(acc: dict, stats: dict) -> None:
-    """Add one minibatch's loss stats to `acc` as `algorithms.FOLD` declares (token-weighted by default)."""
-    for k, v in stats.items():
-        how = algorithms.FOLD.get(k, "tokens")
-        if how in ("min", "max"):
-            acc[k] = v if k not in acc else (min if how == "min" else max)(acc[k], v)
-        elif how is not None:
-            w = stats.get(how, 1.0)                                # "updates": each minibatch counts once
-            total, weight = acc.get(k, (0.0, 0.0))
-            acc[k] = (total + v * w, weight + w)
 
 
 def update(p: Parts, batch: Batch, order: list[Tensor], adv: Tensor, old_logp: Tensor, ref_logp=None,
@@ -285,9 +210,8 @@ def update(p: Parts, batch: Batch, order: list[Tensor], adv: Tensor, old_logp: T
         norm, bad = optimizer_step(p, loss * scale)
         norms.append(norm)
         nonfinite += bad
-        fold(acc, stats)
-    folded = {k: v if not isinstance(v, tuple) else v[0] / max(v[1], 1.0) for k, v in acc.items()}
-    return {**folded, "grad/norm": float(np.mean(norms)), "grad/nonfinite": nonfinite, "rollout/logp_diff": logp_diff}
+        algorithms.fold(acc, stats)
+    return {**algorithms.folded(acc), "grad/norm": float(np.mean(norms)), "grad/nonfinite": nonfinite, "rollout/logp_diff": logp_diff}
 
 
 def optimizer_step(p: Parts, loss: Tensor) -> tuple[float, bool]:
@@ -299,6 +223,9 @@ def optimizer_step(p: Parts, loss: Tensor) -> tuple[float, bool]:
     bad = distributed.any_rank(not (torch.isfinite(loss) and torch.isfinite(norm)), p.ranks, p.device)
     if not bad:
         p.opt.step()
+        if not all(bool(torch.isfinite(q).all()) for q in p.policy.parameters() if q.requires_grad):
+            raise stopping.Stop(f"the weights became non-finite in an optimizer step (optim.lr={p.cfg.optim.lr:g}); they are "
+                       "not checkpointed: the last checkpoint holds the last good weights", 3)
     p.sched.step()
     return norm.item(), bad
 
@@ -316,44 +243,14 @@ def evaluate(p: Parts) -> dict:
             "eval/reward": float(np.mean([s["reward"] for s in scores]))}
 
 
-def step_metrics(p: Parts, batch: Batch, old_logp: Tensor, ref_logp, stats: dict, t0, t1, t2) -> dict:
-    """The step's row: per-response metrics over the global batch, then every rank's stats reduced."""
-    trainer, mask, token_mean = p.cfg.trainer, batch.roll.mask, algorithms.token_mean
-    rows = torch.tensor([[s["correct"], s["format"], s["error"]] for s in batch.scores], dtype=torch.float32,
-                        device=p.device)                                                               # (B, 3)
-    rows = torch.cat([batch.rewards[:, None], rows, mask.sum(-1, keepdim=True),
-                      (~batch.roll.finished).float()[:, None]], dim=1)                                # (B, 6)
-    r, correct, fmt, err, lengths, clipped = distributed.gather(rows, p.ranks).T.contiguous()      # (B_all,) x6
-    return {"reward/mean": r.mean().item(), "reward/std": r.std().item(), "reward/accuracy": correct.mean().item(),
-            "reward/format": fmt.mean().item(), "reward/verifier_errors": err.sum().item(),
-            "reward/zero_std_frac": (r.view(-1, p.cfg.algo.group_size).std(-1) == 0).float().mean().item(),
-            "len/mean": lengths.mean().item(), "len/clipped_frac": clipped.mean().item(),
-            **distributed.reduce_metrics({
-                **stats,
-                "kl/ref": token_mean(algorithms.k3_kl(old_logp, ref_logp), mask).item() if ref_logp is not None
-                else float("nan"),
-                "entropy": token_mean(batch.roll.entropy, mask).item(), "lr": p.sched.get_last_lr()[0],
-                "time/rollout": t1 - t0, "time/update": t2 - t1, "time/step": t2 - t0,
-                "tokens_per_s": mask.sum().item() * (1 + trainer.epochs) / (t2 - t0)}, p.ranks, p.device)}
-
-
-def save(p: Parts, run_dir: Path, step: int, cursor: int, wandb_id, config_dict: dict) -> None:
-    rngs = distributed.gather_objects(checkpoint.rng_state(p.sample_gen, p.shuffle_gen), p.ranks)
-    if p.ranks.main:
-        checkpoint.save(run_dir, step, {
-            "step": step, "cursor": cursor, "wandb_id": wandb_id, "config": config_dict,
-            "model": models.trainable_state(p.policy), "optimizer": p.opt.state_dict(),
-            "scheduler": p.sched.state_dict(), "rng": rngs[0], "rng_ranks": rngs}, p.cfg.trainer.keep_last)
-
-
 def train(cfg: Config, run_dir: Path, config_dict: dict, resume_state: dict | None = None) -> list[dict]:
     """Run (or continue) one training run in `run_dir`; returns the logged metric rows (rank 0; [] elsewhere)."""
     ranks, log = distributed.setup(), NullLogger()
     trainer, G = cfg.trainer, cfg.algo.group_size
     try:
-        with caught_signals() as caught:
+        with stopping.caught_signals() as caught:
             p = build(cfg, ranks)
-            start, cursor, wandb_id = restore(p, resume_state, run_dir)
+            start, cursor, wandb_id = checkpoint.restore(p, resume_state, run_dir)
             if ranks.main:
                 log = RunLogger(run_dir, config_dict, steps=trainer.steps, start_step=start,
                                 wandb_cfg=cfg.logger.wandb, wandb_id=wandb_id)
@@ -370,7 +267,7 @@ def train(cfg: Config, run_dir: Path, config_dict: dict, resume_state: dict | No
                 adv, value_targets, adv_metrics = advantages(p, batch, old_logp, ref_logp, order[:trainer.minibatches])
                 t1 = time.perf_counter()
                 stats = update(p, batch, order, adv, old_logp, ref_logp if cfg.algo.beta > 0 else None, value_targets)
-                metrics = step_metrics(p, batch, old_logp, ref_logp, {**stats, **adv_metrics}, t0, t1,
+                metrics = step_row(p, batch, old_logp, ref_logp, {**stats, **adv_metrics}, t0, t1,
                                        time.perf_counter())
                 if trainer.eval_every and (step % trainer.eval_every == 0 or step == trainer.steps):
                     metrics.update(evaluate(p))
@@ -383,20 +280,10 @@ def train(cfg: Config, run_dir: Path, config_dict: dict, resume_state: dict | No
                 signalled = distributed.any_rank("signal" in caught, ranks, p.device)
                 stop = signalled or bad_steps > trainer.max_nonfinite
                 if step % trainer.save_every == 0 or step == trainer.steps or stop:
-                    save(p, run_dir, step, cursor, log.wandb_id, config_dict)  # skipped updates: last good state
+                    checkpoint.save_run(p, run_dir, step, cursor, log.wandb_id, config_dict)  # skipped updates: last good state
                 if stop:
-                    raise stop_reason(caught if signalled else None, step, bad_steps, cfg, run_dir)
+                    raise stopping.reason(caught if signalled else None, step, bad_steps, trainer.max_nonfinite, run_dir)
         return log.history
     finally:
         log.close()
         distributed.teardown(ranks)
-
-
-def stop_reason(caught: dict | None, step: int, bad_steps: int, cfg: Config, run_dir: Path) -> Stop:
-    if caught is not None:  # another rank may have caught it: this one reports SIGTERM, what SLURM and torchrun send
-        sig = signal.Signals(caught.get("signal", signal.SIGTERM))
-        return Stop(f"stopped by {sig.name} after step {step}; checkpoint saved; continue with resume={run_dir}",
-                    128 + sig)
-    return Stop(f"trainer.max_nonfinite={cfg.trainer.max_nonfinite} exceeded: {bad_steps} steps in a row had a "
-                f"non-finite loss or gradient (last at step {step}); the last good weights are checkpointed in "
-                f"{run_dir}; lower optim.lr or check the rewards", 3)

@@ -151,7 +151,11 @@ def trainable_state(model) -> dict:
 
 def load_trainable_state(model, state: dict) -> None:
     if not is_lora(model):
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:  # another model shape (resume=RUN model.tiny_hidden=128): one line, not a traceback
+            raise ConfigError(f"resume: the checkpoint's weights do not fit this model ({str(e).splitlines()[1].strip()[:120]}"
+                              "): expected the model settings of the run that wrote it") from None
         return
     missing, unexpected = model.load_state_dict(state, strict=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -128,8 +128,9 @@ def show(cfg: Config) -> str:
 
     device_type = "cpu" if cfg.trainer.device == "cpu" else "cuda"
     est = estimate(cfg, shapes(cfg), prompt_tokens(cfg), device_type)
-    t = Table(title=f"gspo plan: {cfg.model.name}, {cfg.algo.name}, per rank ({est['rows']} rollout rows, "
-                    f"minibatch {est['minibatch']}, {est['tokens']} tokens, {est['precision']})")
+    t = Table(title=f"gspo plan: {cfg.model.name}, {cfg.algo.name}",
+              caption=f"per rank: {est['rows']} rollout rows, minibatch {est['minibatch']}, {est['tokens']} tokens, "
+                      f"{est['precision']}")
     t.add_column("part / phase")
     t.add_column("GiB", justify="right")
     for k, v in est["parts"].items():

@@ -159,3 +159,24 @@ def trim(prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor):
     first = int(prompt_mask.any(0).long().argmax())                    # first column with a real prompt token
     last = int(mask.any(0).long().nonzero().max()) + 1 if mask.any() else 1
     return prompt_ids[:, first:], prompt_mask[:, first:], ids[:, :last], mask[:, :last]
+
+
+def per_minibatch(fn, roll: Rollout, order: list[Tensor]) -> Tensor:
+    """fn(prompt_ids, prompt_mask, ids, mask) -> (b, t) on each minibatch's trimmed rows, put back into (B, T)."""
+    out = torch.zeros_like(roll.mask)                                                   # (B, T)
+    for idx in order:
+        p_ids, p_mask, ids, mask = trim(roll.prompt_ids[idx], roll.prompt_mask[idx], roll.ids[idx],
+                                                roll.mask[idx])
+        out[idx, :ids.shape[1]] = fn(p_ids, p_mask, ids, mask)
+    return out
+
+
+class PolicyForward(torch.nn.Module):
+    """`token_logps` of the policy as a module's forward, so that DDP's gradient hooks see the update."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, *args, **kwargs):
+        return token_logps(self.policy, *args, **kwargs)

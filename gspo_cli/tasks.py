@@ -8,6 +8,7 @@ completion (SmolLM2-135M rarely writes the tags: "4 + 3 = 7" scores); otherwise 
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -40,16 +41,20 @@ class Task:
     cfg: TaskConfig
     train: object          # reasoning_gym ProceduralDataset
     eval_entries: list
+    reward_fn: object = None   # task.reward_fn: score(prompt, completion, answer) -> float, replacing the verifier
 
     def next_batch(self, cursor: int, n: int) -> tuple[list, int]:
         """n training entries from `cursor` on, skipping eval questions; returns (entries, next cursor)."""
-        held_out = {e["question"] for e in self.eval_entries}
-        out = []
+        held_out, out, start = {e["question"] for e in self.eval_entries}, [], cursor
         while len(out) < n:
             entry = self.train[cursor % len(self.train)]
             cursor += 1
             if entry["question"] not in held_out:
                 out.append(entry)
+            if cursor - start > 100 * n + 1000:  # the held-out set has taken (nearly) every question there is
+                raise ConfigError(f"task.eval_size={self.cfg.eval_size} holds out {len(held_out)} questions and "
+                                  f"{self.cfg.dataset} with task.params={dict(self.cfg.params)} has (nearly) no others: "
+                                  "expected a smaller task.eval_size or harder task.params")
         return out, cursor
 
     def messages(self, entry) -> list[dict]:
@@ -61,7 +66,8 @@ class Task:
         answer = extract_answer(completion, str(entry["answer"]))
         error = 0.0
         try:
-            score = float(self.train.score_answer(answer=answer, entry=entry))
+            score = float(self.reward_fn(entry["question"], completion, str(entry["answer"])) if self.reward_fn
+                          else self.train.score_answer(answer=answer, entry=entry))
         except Exception:  # noqa: BLE001 — some verifiers raise on malformed answers; that is a wrong answer
             score, error = 0.0, 1.0
         fmt = float(bool(ANSWER_RE.search(completion)))
@@ -80,6 +86,22 @@ def decode(tok, ids, mask) -> list[str]:
     """Responses (B, T) to text, each cut at its length (pad == EOS for SmolLM2: never cut by token id)."""
     lengths = mask.sum(-1).long().tolist()
     return [tok.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(ids, lengths)]
+
+
+def load_reward_fn(spec: str):
+    """`module:function` from the Python path (the user's own code, named on this command line)."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name) if name else None
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"task.reward_fn={spec!r} cannot be imported ({e}): expected module:function on the "
+                          "Python path") from None
+    if not callable(fn):
+        raise ConfigError(f"task.reward_fn={spec!r} is not a callable: expected module:function with the signature "
+                          "score(prompt, completion, answer) -> float")
+    return fn
 
 
 def build_task(cfg: TaskConfig, seed: int) -> Task:
@@ -102,4 +124,12 @@ def build_task(cfg: TaskConfig, seed: int) -> Task:
         if e["question"] not in seen:
             seen.add(e["question"])
             eval_entries.append(e)
-    return Task(cfg, train, eval_entries)
+    task = Task(cfg, train, eval_entries, load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None)
+    if task.reward_fn is not None:
+        sample = task.next_batch(0, 1)[0][0]
+        value = task.reward_fn(sample["question"], "42", str(sample["answer"]))
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"task.reward_fn={cfg.reward_fn!r} returned {value!r} on a sample: expected a finite "
+                              "float from score(prompt, completion, answer)")
+    task.next_batch(0, 16)  # fails at start-up, in one line, when the held-out set leaves no training question
+    return task

@@ -38,7 +38,9 @@ def tiny():
 
 
 GSPO = str(Path(sys.executable).with_name("gspo"))   # the installed console script
-ENV = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1",
+       "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
+LEARNS = ["task.reward_fn=rewards:length_parity", "optim.lr=1e-3"]   # a tiny run whose weights really move
 
 
 def gspo(*args, cwd, timeout=600):
@@ -88,3 +90,23 @@ def restored(tiny):
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(saved[n])
+
+
+def assert_same_final_state(a: Path, b: Path) -> None:
+    """The last checkpoints of two runs hold the same weights and optimizer state, bit for bit."""
+    from gspo_cli import checkpoint
+
+    sa, sb = checkpoint.load(a), checkpoint.load(b)
+    assert sa["step"] == sb["step"]
+    for k, v in sa["model"].items():
+        assert torch.equal(v, sb["model"][k]), f"weights differ: {k}"
+    opt_a, opt_b = sa["optimizer"]["state"], sb["optimizer"]["state"]
+    assert opt_a.keys() == opt_b.keys() and opt_a, "optimizer state saved"
+    for i in opt_a:
+        for k, v in opt_a[i].items():
+            assert torch.equal(v, opt_b[i][k]) if torch.is_tensor(v) else v == opt_b[i][k], f"optimizer {i}.{k} differs"
+
+
+def assert_trained(rows: list[dict]) -> None:
+    """A claim that state was restored means something only if the state moved: non-zero gradients were applied."""
+    assert any(r.get("grad/norm", 0) > 0 for r in rows), "no step had a gradient: the weights never moved"

@@ -38,7 +38,7 @@ def run(algo: str, loss_agg: str, ranks: distributed.Ranks) -> dict:
     roll = replace(roll, **{f: getattr(roll, f)[rows] for f in ("prompt_ids", "prompt_mask", "ids", "mask", "logp",
                                                                  "entropy", "finished")})
     rewards = torch.tensor(REWARDS, dtype=torch.float32)[rows]                                                   # (b,)
-    forward = loop.PolicyForward(policy)
+    forward = rollout.PolicyForward(policy)
     if ranks.world > 1:
         forward = torch.nn.parallel.DistributedDataParallel(forward, broadcast_buffers=False)
     opt = torch.optim.SGD(policy.parameters(), lr=cfg.optim.lr)  # (Adam's first step is ~lr·sign(g): ill-conditioned)

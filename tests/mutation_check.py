@@ -1,4 +1,5 @@
-"""Break each objective in one small way and list the tests that catch it (issue #4).  python tests/mutation_check.py"""
+"""Break each objective in one small way and list the tests that catch it; exit 1 if a break survives (no test
+fails).  python tests/mutation_check.py   (make mutants; CI runs it)"""
 import subprocess, sys
 F = "gspo_cli/algorithms.py"
 orig = open(F).read()
@@ -26,6 +27,7 @@ BREAKS = [
  ("group advantage: population std (N) instead of sample std (N-1)",
   "centred = centred / (r.std(-1, keepdim=True) + eps)", "centred = centred / (r.std(-1, keepdim=True, unbiased=False) + eps)"),
 ]
+survived = []
 try:
     for name, a, b in BREAKS:
         assert orig.count(a) == 1, name
@@ -33,6 +35,12 @@ try:
         out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_algorithms.py",
                               "tests/test_peer_trl.py"], capture_output=True, text=True).stdout
         failed = sorted({l.split("::")[1].split("[")[0].split(" ")[0] for l in out.splitlines() if l.startswith("FAILED")})
-        print(f"- {name}: {len(failed)} tests fail: {', '.join(failed)}")
+        print(f"- {name}: {len(failed)} tests fail: {', '.join(failed)}", flush=True)
+        if not failed:
+            survived.append(name)
 finally:
     open(F, "w").write(orig)
+if survived:
+    print(f"{len(survived)} of {len(BREAKS)} breaks survived: {survived}")
+    sys.exit(1)
+print(f"all {len(BREAKS)} breaks were caught")

@@ -56,7 +56,8 @@ INVALID = [
     (["trainer.steps=-1"], "trainer.steps=-1 is invalid: expected an integer > 0"),
     (["algo.group_size=1"], "algo.group_size=1 is invalid: expected an integer >= 2 (group advantages)"),
     (["trainer.minibatches=3"], "trainer.minibatches=3 is invalid: expected a divisor of prompts_per_step x group_size = 16"),
-    (["optim.lr=0"], "optim.lr=0.0 is invalid: expected a float > 0"),
+    (["optim.lr=0"], "optim.lr=0.0 is invalid: expected a float in (0, 1]"),
+    (["optim.lr=1e39"], "optim.lr=1e+39 is invalid: expected a float in (0, 1]"),
     (["rollout.max_new_tokens=0"], "rollout.max_new_tokens=0 is invalid: expected an integer > 0"),
     (["algo.eps_low=-0.1"], "algo.eps_low=-0.1 is invalid: expected a float >= 0"),
     (["algo=grpo", "algo.variant=token"], "algo.variant='token' is invalid: expected the default 'sequence': algo=grpo "
@@ -68,6 +69,13 @@ INVALID = [
                                "weights keep 8 mantissa bits, so AdamW steps at optim.lr=1e-05"),
     (["rollout.old_logp=maybe"], "rollout.old_logp='maybe' is invalid: expected one of ['auto', 'sampler', 'recompute']"),
     (["trainer.lm_head_chunk=-1"], "trainer.lm_head_chunk=-1 is invalid: expected an integer >= 0"),
+    (["optim.lr=inf"], "optim.lr=inf is invalid: expected a finite number"),
+    (["task.format_reward=inf"], "task.format_reward=inf is invalid: expected a finite number"),
+    (["seed=-1"], "seed=-1 is invalid: expected an integer >= 0"),
+    (["optim.beta1=2"], "optim.beta1=2.0 is invalid: expected a float in [0, 1)"),
+    (["optim.weight_decay=-1"], "optim.weight_decay=-1.0 is invalid: expected a float >= 0"),
+    (["model.lora.dropout=2"], "model.lora.dropout=2.0 is invalid: expected a float in [0, 1)"),
+    (["task.eval_size=0"], "task.eval_size=0 is invalid: expected an integer > 0 with trainer.eval_every=10"),
 ]
 
 

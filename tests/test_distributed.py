@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ENV, TINY, gspo
+from conftest import ENV, TINY, gspo, read_metrics
 from ddp_worker import run
 from gspo_cli.distributed import Ranks
 
 HERE = Path(__file__).parent
-TIMING = {"time/rollout", "time/update", "time/step", "tokens_per_s"}
 
 
 @pytest.mark.slow
@@ -36,9 +35,7 @@ def test_two_gloo_ranks_give_the_gradients_of_one_process_over_the_global_batch(
         torch.testing.assert_close(ddp["params"][name], one["params"][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def rows(run_dir):
-    return [{k: v for k, v in json.loads(ln).items() if k not in TIMING}
-            for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
 
 
 @pytest.mark.slow
@@ -48,7 +45,7 @@ def test_two_rank_run_logs_once_checkpoints_on_rank_0_and_resumes_exactly(tmp_pa
     out = gspo("train", *args, "trainer.steps=3", f"hydra.run.dir={straight}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "launching 2 ranks" in out.stderr
-    got = rows(straight)
+    got = read_metrics(straight)
     assert [r["step"] for r in got] == [0, 1, 2, 3], "rank 0 alone writes metrics: one row per step"
     assert len(list((straight / "wandb").glob("offline-run-*"))) == 1
     state = torch.load(straight / "checkpoints" / "step_000003" / "state.pt", weights_only=False)
@@ -57,7 +54,7 @@ def test_two_rank_run_logs_once_checkpoints_on_rank_0_and_resumes_exactly(tmp_pa
     assert gspo("train", *args, "trainer.steps=2", f"hydra.run.dir={part}", cwd=tmp_path).returncode == 0
     out = gspo("train", f"resume={part}", "trainer.steps=3", cwd=tmp_path)    # 2 ranks again, from the checkpoint
     assert out.returncode == 0, out.stderr[-3000:]
-    assert rows(part) == got
+    assert read_metrics(part) == got
 
     out = gspo("train", f"resume={part}", "trainer.devices=1", "trainer.steps=4", cwd=tmp_path)
     assert out.returncode == 2 and "was written by 2 rank(s), this run has 1" in out.stderr

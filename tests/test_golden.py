@@ -20,10 +20,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import gspo  # noqa: E402
+from conftest import gspo, read_metrics  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden" / "metrics.json"
-TIMING = {"time/rollout", "time/update", "time/step", "tokens_per_s"}
 EXACT = {"step", "reward/mean", "reward/std", "reward/accuracy", "reward/format", "reward/zero_std_frac",
          "len/mean", "len/clipped_frac", "grad/nonfinite", "eval/accuracy", "eval/reward"}
 COMMON = ["trainer.threads=2", "logger.wandb.mode=disabled", "trainer.save_every=100", "seed=3"]
@@ -39,8 +38,7 @@ RUNS = {
 def run_metrics(name: str, tmp: Path) -> list[dict]:
     out = gspo("train", *RUNS[name], *COMMON, f"hydra.run.dir={tmp / name}", cwd=tmp)
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = [json.loads(ln) for ln in (tmp / name / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+    return read_metrics(tmp / name)
 
 
 def same(key, got, want) -> bool:

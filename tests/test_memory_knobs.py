@@ -3,16 +3,14 @@ with adapters disabled, bitsandbytes AdamW8bit, bf16 autocast, and their config 
 
     pytest tests/test_memory_knobs.py -q
 """
-import json
 
 import pytest
 import torch
 
-from conftest import TINY, gspo, read_metrics, run_update, tiny_rollout
+from conftest import LEARNS, TINY, assert_same_final_state, assert_trained, gspo, read_metrics, run_update, tiny_rollout
 from gspo_cli import algorithms, loop, models, rollout
 from gspo_cli.config import Config, ModelConfig, OptimConfig
 
-TIMING = {"time/rollout", "time/update", "time/step", "tokens_per_s"}
 
 
 def tiny_cfg(**lora):
@@ -51,7 +49,7 @@ def test_lora_reference_is_the_base_model_with_adapters_disabled(tiny):
 
 @pytest.mark.slow
 def test_lora_run_checkpoints_adapters_only_and_resumes_exactly(tmp_path):
-    args = [*TINY, "algo=ppo", "model.lora.r=4"]
+    args = [*TINY, *LEARNS, "algo=ppo", "model.lora.r=4"]
     straight, part = tmp_path / "straight", tmp_path / "part"
     out = gspo("train", *args, "trainer.steps=3", f"hydra.run.dir={straight}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -60,10 +58,11 @@ def test_lora_run_checkpoints_adapters_only_and_resumes_exactly(tmp_path):
     assert keys and all("lora_" in k or k.startswith("value_head.") for k in keys), sorted(keys)[:5]
     assert {"value_head.weight", "value_head.bias"} <= keys
     assert gspo("train", *args, "trainer.steps=2", f"hydra.run.dir={part}", cwd=tmp_path).returncode == 0
-    assert gspo("train", f"resume={part}", "trainer.steps=3", cwd=tmp_path).returncode == 0
-    read = lambda d: [{k: v for k, v in json.loads(ln).items() if k not in TIMING}  # noqa: E731
-                      for ln in (d / "metrics.jsonl").read_text().splitlines()]
+    assert gspo("train", f"resume={part}", "trainer.steps=3", LEARNS[0], cwd=tmp_path).returncode == 0
+    read = read_metrics
+    assert_trained(read(straight))
     assert read(part) == read(straight)
+    assert_same_final_state(straight, part)
 
 
 def test_adamw8bit_runs_on_cpu_with_8bit_state(tiny, restored):

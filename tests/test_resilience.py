@@ -14,11 +14,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from conftest import ENV, GSPO, TINY
+from conftest import ENV, GSPO, LEARNS, TINY, assert_same_final_state, assert_trained, read_metrics
 from gspo_cli import algorithms as A, checkpoint
 
-TIMING = {"time/rollout", "time/update", "time/step", "tokens_per_s"}
-RUN = [*TINY, "trainer.steps=5", "trainer.eval_every=3"]
+RUN = [*TINY, *LEARNS, "trainer.steps=5", "trainer.eval_every=3"]
 
 
 def popen(args, cwd):
@@ -27,9 +26,7 @@ def popen(args, cwd):
                             stderr=subprocess.PIPE, text=True)
 
 
-def metrics(run):
-    return [{k: v for k, v in json.loads(ln).items() if k not in TIMING}
-            for ln in (run / "metrics.jsonl").read_text().splitlines()]
+metrics = read_metrics
 
 
 def wait_for_step(proc, run, step, timeout=300):
@@ -57,10 +54,13 @@ def test_kill_9_at_a_random_step_then_resume_equals_the_uninterrupted_run(tmp_pa
     proc.wait(60)
     assert proc.returncode == -signal.SIGKILL
     # ppo resumes through resume=auto in the same dir (what a requeued SLURM job does); the others by path
-    args = ["resume=auto", f"hydra.run.dir={killed}", *RUN, f"algo={algo}"] if algo == "ppo" else [f"resume={killed}"]
+    args = ["resume=auto", f"hydra.run.dir={killed}", *RUN, f"algo={algo}"] if algo == "ppo" else \
+        [f"resume={killed}", LEARNS[0]]
     res = popen(args, tmp_path)
     assert res.wait(600) == 0, res.stderr.read()[-3000:]
+    assert_trained(metrics(straight))
     assert metrics(killed) == metrics(straight), f"killed at step {kill_at}"
+    assert_same_final_state(straight, killed)
     ids = {p.name.rsplit("-", 1)[-1] for p in (killed / "wandb").glob("offline-run-*")}
     assert len(ids) == 1, f"the W&B run is resumed, not duplicated: {ids}"
 
@@ -114,7 +114,7 @@ def test_debris_of_a_killed_save_is_ignored_then_replaced(tmp_path):
     checkpoint.save(tmp_path, 6, {"step": 66}, keep_last=2)         # re-saving a step (after a resume) replaces it
     checkpoint.save(tmp_path, 9, {"step": 9}, keep_last=2)
     assert [p.name for p in checkpoint.all_checkpoints(tmp_path)] == ["step_000006", "step_000009"]
-    assert checkpoint.load(tmp_path / "checkpoints" / "step_000006")["step"] == 66
+    assert checkpoint.load_file(tmp_path / "checkpoints" / "step_000006" / "state.pt")["step"] == 66
 
 
 def test_nan_rewards_skip_updates_then_stop_with_a_checkpoint(tmp_path, monkeypatch):

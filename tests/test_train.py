@@ -6,24 +6,24 @@ import math
 import pytest
 import torch
 
-from conftest import TINY, gspo, run_update, tiny_rollout
+from conftest import (LEARNS, TIMING, TINY, assert_same_final_state, assert_trained, gspo, read_metrics, run_update,
+                      tiny_rollout)
 from gspo_cli import algorithms, rollout
 from gspo_cli.config import Config
 
 KEYS = ["reward/mean", "reward/std", "reward/accuracy", "clip/frac", "clip/frac_low", "clip/frac_high", "ratio/mean",
         "ratio/max", "ratio/min", "kl/ref", "entropy", "len/mean", "len/clipped_frac", "grad/norm", "grad/nonfinite",
         "loss/policy", "loss/value", "lr", "time/rollout", "time/update", "tokens_per_s"]
-TIMING = {"time/rollout", "time/update", "time/step", "tokens_per_s"}
 
 
 def rows(run):
-    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(run, timing=True)
 
 
 @pytest.mark.slow
 def test_gspo_run_writes_everything_and_resume_continues_exactly(tmp_path):
     straight, part = tmp_path / "straight", tmp_path / "part"
-    out = gspo("train", *TINY, "trainer.steps=4", f"hydra.run.dir={straight}", cwd=tmp_path)
+    out = gspo("train", *TINY, *LEARNS, "trainer.steps=4", f"hydra.run.dir={straight}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     got = rows(straight)
     assert [r["step"] for r in got] == [0, 1, 2, 3, 4]
@@ -36,16 +36,21 @@ def test_gspo_run_writes_everything_and_resume_continues_exactly(tmp_path):
     samples = [json.loads(ln) for ln in (straight / "samples.jsonl").read_text().splitlines()]
     assert {"step", "prompt", "completion", "answer", "reward"} <= set(samples[0]) and samples[-1]["step"] == 4
 
-    # 2 steps, then resume to 4 in the same dir: the same trajectory as the straight run
-    assert gspo("train", *TINY, "trainer.steps=2", f"hydra.run.dir={part}", cwd=tmp_path).returncode == 0
-    out = gspo("train", f"resume={part}", "trainer.steps=4", cwd=tmp_path)
+    # 2 steps, then resume to 4 in the same dir: the same trajectory and the same final state as the straight run
+    assert_trained(got)
+    assert gspo("train", *TINY, *LEARNS, "trainer.steps=2", f"hydra.run.dir={part}", cwd=tmp_path).returncode == 0
+    out = gspo("train", f"resume={part}", "trainer.steps=4", LEARNS[0], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from step 2" in out.stderr
     resumed = rows(part)
     assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4]
     strip = [{k: v for k, v in r.items() if k not in TIMING} for r in resumed]
     assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in got]
-    assert (part / ".hydra" / "config.yaml").read_text().count("steps: 2") == 1, "the original config is kept"
+    assert_same_final_state(straight, part)
+    from omegaconf import OmegaConf
+    original = OmegaConf.load(part / ".hydra" / "config.yaml")
+    assert (original.trainer.steps, original.model.name) == (2, "tiny"), "the original config is kept"
+    assert (part / ".hydra" / "resume" / "config.yaml").is_file(), "the resume's own composed config goes beside it"
 
 
 @pytest.mark.slow
