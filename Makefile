@@ -23,7 +23,7 @@ mutants:  ## break each objective in one small way; every break must make a test
 SWEEP ?= multirun/compare/make-$(shell date +%Y%m%d-%H%M%S)
 compare:  ## the comparison sweep (GSPO, GRPO, PPO x 3 seeds, CPU-sized), then the table and plots in results/
 	gspo train +experiment=compare hydra.sweep.dir=$(SWEEP)
-	gspo compare $(SWEEP) compare.out=results
+	gspo compare $(SWEEP) --out results
 
 bench:  ## side-by-side speed and memory vs TRL's GRPOTrainer on the identical workload (~16 min on 2 cores)
 	$(PY) bench/vs_trl.py

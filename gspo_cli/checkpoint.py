@@ -82,12 +82,12 @@ def load_file(path: Path) -> dict:
     return state
 
 
-def load(run_dir: str | Path, warn=print) -> dict:
+def load(run_dir: str | Path, warn=print, what: str = "resume") -> dict:
     """The newest loadable checkpoint of a run dir; an unreadable newer one is skipped with a line through `warn`.
     ConfigError if there is none."""
     found = all_checkpoints(run_dir)
     if not found:
-        raise ConfigError(f"resume={str(run_dir)!r} is not a run dir with a checkpoint: expected a gspo run dir "
+        raise ConfigError(f"{what} {str(run_dir)!r}: not a run dir with a checkpoint: expected a gspo run dir "
                           "containing checkpoints/step_*/state.pt")
     for ck in reversed(found):
         try:

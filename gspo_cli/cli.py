@@ -21,8 +21,10 @@ from .config import ConfigError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 COMMANDS = {"train": "train a policy (Hydra app; `gspo train --help` lists the config groups)",
+            "eval": "greedy accuracy, pass@k, maj@k of a run or an untrained model: gspo eval [RUN] [overrides]",
+            "export": "a run as a Hugging Face model dir: gspo export RUN [out=DIR] [dtype=] [lora=merged|adapter]",
             "plan": "estimated peak accelerator memory of a train command, no weights loaded: gspo plan OVERRIDES",
-            "compare": "results table and plots from run/sweep dirs: gspo compare DIR... [compare.out=results]"}
+            "compare": "results table and plots from run/sweep dirs: gspo compare DIR... [--out DIR]"}
 
 
 LOCK_HELD = "GSPO_RUN_DIR_LOCK_HELD"   # set for the ranks a launcher started: it holds the run dir's lock for them
@@ -230,6 +232,16 @@ def _one_line(e: Exception) -> str:
     return " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())
 
 
+def _eval(args: list[str]) -> None:
+    from .evaluation import main as run
+    run(args)
+
+
+def _export(args: list[str]) -> None:
+    from .export import main as run
+    run(args)
+
+
 def compare_main(args: list[str]) -> None:
     from .compare import main as run
     run(args)
@@ -263,11 +275,15 @@ def main() -> None:
             sys.exit(2)
         print("\n".join(lines))
         return
-    if argv[0] in ("compare", "plan"):
+    if argv[0] in ("compare", "plan", "eval", "export"):
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
+        if argv[1:2] in (["-h"], ["--help"]):
+            print(f"usage: gspo {argv[0]}: {COMMANDS[argv[0]]}")
+            return
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         try:
-            compare_main(argv[1:]) if argv[0] == "compare" else plan(argv[1:])
+            {"compare": compare_main, "plan": plan, "eval": _eval, "export": _export}[argv[0]](argv[1:])
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -1,8 +1,12 @@
-"""`gspo compare DIR... [compare.out=results]`: turn finished runs into the results table and plots.
+"""`gspo compare DIR... [--out DIR]`: turn finished runs into the results table and plots.
 
-Reads every run dir below the given dirs (a dir holding `metrics.jsonl` and `.hydra/config.yaml`), groups complete
-runs by algorithm and writes `compare.md`, `compare.csv` and one PNG per metric (mean over seeds, seed range
-shaded). Runs that stopped before `trainer.steps` are listed as incomplete and left out of every number.
+Reads every run dir below the given dirs (a dir holding `metrics.jsonl` and `.hydra/config.yaml`; a run named twice
+counts once), groups complete runs by every config key that differs between them except the seed (so runs of
+another task or lr never merge into one row), and writes `compare.md`, `compare.csv` and one PNG per metric (mean
+over seeds, seed range shaded) to `--out` (default: `compare/` inside the first dir). Each number is the mean over
+seeds with a 95 % t-interval; for the headline metrics the table says whether the best group's lead over the next
+is significant (Welch's t-test over seeds, p < 0.05). Runs that stopped before `trainer.steps` are listed as
+incomplete and left out of every number.
 Column definitions: docs/results.md.
 """
 from __future__ import annotations
@@ -20,8 +24,13 @@ from .config import ConfigError
 
 PLOTS = {"reward/mean": "linear", "eval/accuracy": "linear", "clip/frac": "log", "kl/ref": "linear",
          "entropy": "linear", "grad/norm": "linear"}
-COLUMNS = ["algorithm", "seeds", "reward improvement", "eval accuracy before → after", "clip frac (low / high)",
+COLUMNS = ["group", "seeds", "reward improvement", "eval accuracy before → after", "clip frac (low / high)",
            "KL to ref", "collapses", "non-finite steps", "grad-norm spike", "stability", "wall min/run"]
+
+
+IGNORED = ("seed", "resume", "logger.", "trainer.device", "trainer.threads", "trainer.devices", "task.eval_seed")
+HEADLINE = {"reward improvement": "improvement", "eval accuracy before → after": "eval_after",
+            "clip frac (low / high)": "clip"}
 
 
 @dataclass
@@ -31,6 +40,8 @@ class Run:
     seed: int
     steps: int
     rows: list = field(default_factory=list)
+    flat: dict = field(default_factory=dict)     # the run's config as dotted key -> value
+    group: str = ""                               # what sets it apart from the other runs compared
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """(steps, values) of one metric; step 0 holds only the pre-training eval."""
@@ -42,14 +53,35 @@ class Run:
         return any(r["step"] == self.steps and "reward/mean" in r for r in self.rows)
 
 
+def _flat(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        return {k: v for key, val in node.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: str(node)}
+
+
+def label_groups(runs: list[Run]) -> None:
+    """Each run's group: algo.name plus every other key whose value differs between the runs (except the seed and
+    logging); algo.* knobs name a group only where runs of the same algorithm differ in them."""
+    keys = sorted({k for r in runs for k in r.flat})
+    differ = [k for k in keys if not k.startswith(IGNORED) and len({r.flat.get(k) for r in runs}) > 1]
+    for r in runs:
+        same_algo = [x for x in runs if x.algo == r.algo]
+        parts = [f"{k}={r.flat.get(k)}" for k in differ if k != "algo.name" and
+                 (not k.startswith("algo.") or len({x.flat.get(k) for x in same_algo}) > 1)]
+        r.group = ", ".join([r.algo, *parts])
+
+
 def load_runs(dirs: list[str]) -> list[Run]:
-    runs = []
+    runs, seen = [], set()
     for d in dirs:
         root = Path(d)
         if not root.is_dir():
             raise ConfigError(f"compare dir {d!r} does not exist: expected a run or sweep dir")
         for metrics in sorted(root.rglob("metrics.jsonl")):
             run_dir = metrics.parent
+            if run_dir.resolve() in seen:       # `gspo compare RUN RUN` or a dir inside another: one run
+                continue
+            seen.add(run_dir.resolve())
             cfg_path = run_dir / ".hydra" / "config.yaml"
             if not cfg_path.is_file():
                 continue
@@ -59,9 +91,11 @@ def load_runs(dirs: list[str]) -> list[Run]:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"metrics file {str(metrics)!r} is unreadable ({e}): expected one JSON object "
                                   "per line as gspo train writes it") from None
-            runs.append(Run(run_dir, cfg.algo.name, int(cfg.seed), int(cfg.trainer.steps), rows))
+            runs.append(Run(run_dir, cfg.algo.name, int(cfg.seed), int(cfg.trainer.steps), rows,
+                            _flat(OmegaConf.to_container(cfg))))
     if not runs:
         raise ConfigError(f"compare dirs {dirs!r} hold no run: expected dirs with metrics.jsonl and .hydra/config.yaml")
+    label_groups(runs)
     return runs
 
 
@@ -108,27 +142,63 @@ def run_stats(run: Run) -> dict:
     }
 
 
-def _pm(xs: list[float], fmt: str = "{:+.3f}") -> str:
-    return f"{fmt.format(np.mean(xs))} ± {np.std(xs, ddof=1) if len(xs) > 1 else 0:.3f}"
+def interval(xs: list[float]) -> tuple[float, float]:
+    """The 95 % t-interval of the mean over seeds (nan, nan with one seed)."""
+    from scipy import stats
+
+    xs = np.asarray(xs, float)
+    if len(xs) < 2:
+        return math.nan, math.nan
+    half = stats.t.ppf(0.975, len(xs) - 1) * xs.std(ddof=1) / math.sqrt(len(xs))
+    return xs.mean() - half, xs.mean() + half
 
 
-def table(runs: list[Run]) -> list[dict]:
-    out = []
-    for algo in sorted({r.algo for r in runs}):
-        stats = [run_stats(r) for r in runs if r.algo == algo]
-        s = {k: [x[k] for x in stats] for k in stats[0]}
+def _ci(xs: list[float], fmt: str = "{:+.3f}") -> str:
+    lo, hi = interval(xs)
+    return fmt.format(np.mean(xs)) + ("" if math.isnan(lo) else f" [{fmt.format(lo)}, {fmt.format(hi)}]")
+
+
+def significance(groups: dict) -> list[str]:
+    """For each headline metric: does the best group lead the next by more than seed noise? Welch's t-test."""
+    from scipy import stats
+
+    lines = []
+    for column, key in HEADLINE.items():
+        ranked = sorted(groups, key=lambda g: -np.mean(groups[g][key]))
+        if len(ranked) < 2:
+            continue
+        best, nxt = ranked[:2]
+        a, b = groups[best][key], groups[nxt][key]
+        if min(len(a), len(b)) < 2:
+            lines.append(f"{column}: {best} leads {nxt} by {np.mean(a) - np.mean(b):.4g}; not testable (one seed)")
+            continue
+        p = stats.ttest_ind(a, b, equal_var=False).pvalue
+        if math.isnan(p):                                  # no spread in either group: no evidence of a difference
+            lines.append(f"{column}: {best} and {nxt} have no spread over seeds: not significant at 0.05")
+            continue
+        verdict = "significant" if p < 0.05 else "not significant"
+        lines.append(f"{column}: {best} leads {nxt} by {np.mean(a) - np.mean(b):.4g} (Welch's t-test over seeds, "
+                     f"p = {p:.3g}: {verdict} at 0.05)")
+    return lines
+
+
+def table(runs: list[Run]) -> tuple[list[dict], list[str]]:
+    out, groups = [], {}
+    for group in sorted({r.group for r in runs}):
+        stats = [run_stats(r) for r in runs if r.group == group]
+        s = groups[group] = {k: [x[k] for x in stats] for k in stats[0]}
         stable = sum(s["collapses"]) == 0 and sum(s["nonfinite"]) == 0 and max(s["spike"]) < 10
         out.append({
-            "algorithm": algo, "seeds": len(stats),
-            "reward improvement": _pm(s["improvement"]),
-            "eval accuracy before → after": f"{np.mean(s['eval_before']):.3f} → {np.mean(s['eval_after']):.3f}",
-            "clip frac (low / high)": f"{np.mean(s['clip']):.4f} ({np.mean(s['clip_low']):.4f} / "
+            "group": group, "seeds": len(stats),
+            "reward improvement": _ci(s["improvement"]),
+            "eval accuracy before → after": f"{np.mean(s['eval_before']):.3f} → {_ci(s['eval_after'], '{:.3f}')}",
+            "clip frac (low / high)": f"{_ci(s['clip'], '{:.4f}')} ({np.mean(s['clip_low']):.4f} / "
                                       f"{np.mean(s['clip_high']):.4f})",
             "KL to ref": f"{np.mean(s['kl']):.4f}", "collapses": int(sum(s["collapses"])),
             "non-finite steps": int(sum(s["nonfinite"])), "grad-norm spike": f"{max(s['spike']):.1f}x",
             "stability": "stable" if stable else "unstable", "wall min/run": f"{np.mean(s['wall_min']):.1f}",
         })
-    return out
+    return out, significance(groups)
 
 
 def plot(runs: list[Run], out: Path) -> list[Path]:
@@ -139,8 +209,8 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
     paths = []
     for key, scale in PLOTS.items():
         fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
-        for algo in sorted({r.algo for r in runs}):
-            curves = [r.series(key) for r in runs if r.algo == algo]
+        for group in sorted({r.group for r in runs}):
+            curves = [r.series(key) for r in runs if r.group == group]
             curves = [c for c in curves if len(c[0])]
             if not curves:
                 continue
@@ -148,7 +218,7 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
             x, ys = curves[0][0][:n], np.stack([c[1][:n] for c in curves])
             if scale == "log":
                 ys = np.clip(ys, 1e-5, None)
-            line, = ax.plot(x, ys.mean(0), label=f"{algo} (n={len(curves)})", marker="o" if key.startswith("eval")
+            line, = ax.plot(x, ys.mean(0), label=f"{group} (n={len(curves)})", marker="o" if key.startswith("eval")
                             else None, ms=3)
             if len(curves) > 1:
                 ax.fill_between(x, ys.min(0), ys.max(0), alpha=0.2, color=line.get_color())
@@ -166,36 +236,37 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
 
 
 def main(args: list[str]) -> None:
+    import argparse
+
     from rich.console import Console
     from rich.table import Table
 
-    opts = dict(a.split("=", 1) for a in args if "=" in a)
-    dirs = [a for a in args if "=" not in a]
-    unknown = set(opts) - {"compare.out", "compare.source"}
+    parser = argparse.ArgumentParser(prog="gspo compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dirs", nargs="*", help="run or sweep dirs")
+    parser.add_argument("--out", help="where the table and plots go (default: DIRS[0]/compare)")
+    opts, unknown = parser.parse_known_args(args)
     if unknown:
-        raise ConfigError(f"{sorted(unknown)[0]} is not a compare option: expected compare.out=DIR or "
-                          "compare.source=metrics")
-    if opts.get("compare.source", "metrics") != "metrics":
-        raise ConfigError(f"compare.source={opts['compare.source']!r} is not supported yet: expected 'metrics' "
-                          "(W&B runs are read back from their offline dirs' metrics.jsonl twins)")
-    if not dirs:
+        raise ConfigError(f"{unknown[0]!r} is not a compare option: expected run or sweep dirs and --out DIR")
+    if not opts.dirs:
         raise ConfigError("gspo compare needs at least one run or sweep dir: gspo compare multirun/...")
-    out = Path(opts.get("compare.out", "results"))
+    runs = load_runs(opts.dirs)
+    out = Path(opts.out or Path(opts.dirs[0]) / "compare")
     out.mkdir(parents=True, exist_ok=True)
-    runs = load_runs(dirs)
     done, incomplete = [r for r in runs if r.complete], [r for r in runs if not r.complete]
     if not done:
-        raise ConfigError(f"no complete run under {dirs!r}: all {len(runs)} stopped before trainer.steps")
-    rows = table(done)
+        raise ConfigError(f"no complete run under {opts.dirs!r}: all {len(runs)} stopped before trainer.steps")
+    label_groups(done)
+    rows, tests = table(done)
     with open(out / "compare.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
+    md += ["", "Mean over seeds [95 % t-interval]. " + " ".join(f"{t}." for t in tests)] if tests else []
     if incomplete:
         md += ["", "Incomplete runs (left out): " + ", ".join(
-            f"`{r.path}` ({r.algo}, seed {r.seed}, {max((x['step'] for x in r.rows), default=0)}/{r.steps} steps)"
+            f"`{r.path}` ({r.group}, seed {r.seed}, {max((x['step'] for x in r.rows), default=0)}/{r.steps} steps)"
             for r in incomplete)]
     (out / "compare.md").write_text("\n".join(md) + "\n")
     pngs = plot(done, out)
@@ -206,6 +277,8 @@ def main(args: list[str]) -> None:
     for r in rows:
         t.add_row(*(str(r[c]) for c in COLUMNS))
     console.print(t)
+    for line in tests:
+        print(line)
     for r in incomplete:
-        console.print(f"incomplete, left out: {r.path} ({r.algo}, seed {r.seed})", highlight=False)
+        console.print(f"incomplete, left out: {r.path} ({r.group}, seed {r.seed})", highlight=False)
     console.print(f"wrote {out / 'compare.md'}, {out / 'compare.csv'} and {len(pngs)} plots in {out}", highlight=False)

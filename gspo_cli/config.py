@@ -71,7 +71,20 @@ class TaskConfig:
     format_reward: float = 0.0         # added when the completion has a well-formed <answer>...</answer>
     eval_size: int = 64                # held-out prompts, disjoint from training
     reward_fn: Optional[str] = None    # module:function, score(prompt, completion, answer) -> float; replaces the verifier
+    verifier: str = "default"          # default (the dataset's own; math for files) | math (math-verify) | exact
+    path: Optional[str] = None         # task=jsonl: a .jsonl / .json / .parquet file of your own prompts and answers
+    prompt_key: str = "question"       # task=jsonl: the field holding the prompt
+    answer_key: str = "answer"         # task=jsonl: the field holding the reference answer
+    eval_path: Optional[str] = None    # task=jsonl: a held-out file; else the last eval_fraction of task.path
+    eval_fraction: float = 0.1
     eval_seed: int = 1234              # seed of the held-out generator
+
+
+@dataclass
+class EvalConfig:
+    samples: int = 1                   # k sampled answers per held-out prompt (pass@k, maj@k); 1 = greedy only
+    k: list = field(default_factory=list)   # the k' of pass@k' to report, each <= samples; [] = [1, samples]
+    out: Optional[str] = None          # gspo eval: the eval.json path (default: next to the checkpoint, or ./eval.json)
 
 
 @dataclass
@@ -136,6 +149,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     resume: Optional[str] = None       # a run dir to continue, or "auto" (this run dir, if it has a checkpoint)
 
@@ -247,11 +261,17 @@ def _validate_run(cfg: Config) -> None:
     _check(t.max_nonfinite >= 0, "trainer.max_nonfinite", t.max_nonfinite, "an integer >= 0")
     _check(t.threads >= 0, "trainer.threads", t.threads, "an integer >= 0")
     _check(cfg.task.eval_size >= 0, "task.eval_size", cfg.task.eval_size, "an integer >= 0")
+    _check(cfg.task.verifier in ("default", "math", "exact"), "task.verifier", cfg.task.verifier,
+           "one of ['default', 'math', 'exact']")
+    _check(0 < cfg.task.eval_fraction < 1, "task.eval_fraction", cfg.task.eval_fraction, "a float in (0, 1)")
     _check(bool(cfg.task.dataset), "task.dataset", cfg.task.dataset,
            "a reasoning-gym dataset name (task=reasoning_gym needs task.dataset=NAME, e.g. leg_counting)")
     _check(cfg.task.format_reward >= 0, "task.format_reward", cfg.task.format_reward, "a float >= 0")
     _check(cfg.logger.wandb.mode in ("offline", "online", "disabled"), "logger.wandb.mode", cfg.logger.wandb.mode,
            "one of ['offline', 'online', 'disabled']")
+    _check(cfg.eval.samples >= 1, "eval.samples", cfg.eval.samples, "an integer >= 1")
+    _check(all(1 <= k <= cfg.eval.samples for k in cfg.eval.k), "eval.k", list(cfg.eval.k),
+           f"a list of integers in [1, eval.samples={cfg.eval.samples}]")
     _check(cfg.task.eval_size > 0 or t.eval_every == 0, "task.eval_size", cfg.task.eval_size,
            f"an integer > 0 with trainer.eval_every={t.eval_every} (or trainer.eval_every=0: no eval)")
 

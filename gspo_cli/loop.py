@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import algorithms, checkpoint, distributed, models, rollout, stopping, tasks
+from . import algorithms, checkpoint, distributed, evaluation, models, rollout, stopping, tasks
 from .config import Config
 from .distributed import Ranks
 from .logging import NullLogger, RunLogger, step_row
@@ -232,15 +232,18 @@ def optimizer_step(p: Parts, loss: Tensor) -> tuple[float, bool]:
 
 @torch.no_grad()
 def evaluate(p: Parts) -> dict:
-    """Greedy decoding of the held-out set (split across ranks, in batches as large as a rollout's):
-    eval/accuracy (the verifier says correct) and eval/reward."""
-    size = p.cfg.trainer.prompts_per_step // p.ranks.world * p.cfg.algo.group_size
-    mine, scores = p.task.eval_entries[p.ranks.rank::p.ranks.world], []
+    """The held-out set (split across ranks, in batches as large as a rollout's): greedy eval/accuracy and
+    eval/reward; with eval.samples = n > 1 also n samples per prompt for pass@k and maj@n (`evaluation.summarize`)."""
+    size, n = p.cfg.trainer.prompts_per_step // p.ranks.world * p.cfg.algo.group_size, p.cfg.eval.samples
+    mine, greedy, sampled = p.task.eval_entries[p.ranks.rank::p.ranks.world], [], []
     for i in range(0, len(mine), size):
-        scores += sample_and_score(p, mine[i:i + size], 1, greedy=True).scores
-    scores = [s for part in distributed.gather_objects(scores, p.ranks) for s in part]
-    return {"eval/accuracy": float(np.mean([s["correct"] for s in scores])),
-            "eval/reward": float(np.mean([s["reward"] for s in scores]))}
+        greedy += sample_and_score(p, mine[i:i + size], 1, greedy=True).scores
+    per_batch = max(1, size // n)                                      # prompts per batch of n samples each
+    for i in range(0, len(mine) if n > 1 else 0, per_batch):
+        scores = sample_and_score(p, mine[i:i + per_batch], n).scores
+        sampled += [scores[j:j + n] for j in range(0, len(scores), n)]
+    gathered = [[x for part in distributed.gather_objects(lst, p.ranks) for x in part] for lst in (greedy, sampled)]
+    return evaluation.summarize(*gathered, list(p.cfg.eval.k) or sorted({1, n}))
 
 
 def train(cfg: Config, run_dir: Path, config_dict: dict, resume_state: dict | None = None) -> list[dict]:

@@ -35,6 +35,77 @@ def extract_answer(completion: str, oracle: str) -> str | None:
     return lines[-1].rstrip(".") if lines else None
 
 
+def verify(kind: str, answer: str | None, oracle: str) -> float:
+    """1.0 when the extracted answer matches the reference: math-verify's parse + verify (what TRL's accuracy_reward
+    uses: 1/2 == 0.5 == \\frac{1}{2}) or exact string match."""
+    if answer is None:
+        return 0.0
+    if kind == "exact":
+        return float(answer.strip() == oracle.strip())
+    from math_verify import parse, verify as math_verify
+
+    return float(math_verify(parse(oracle), parse(answer)))
+
+
+class FileData:
+    """Rows of the user's own file as reasoning-gym-like entries {'question', 'answer'}, scored by a verifier."""
+
+    def __init__(self, rows: list[dict], verifier: str):
+        self.rows, self.verifier = rows, verifier
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+    def score_answer(self, answer, entry) -> float:
+        return verify(self.verifier, answer, str(entry["answer"]))
+
+
+def read_rows(path: str, cfg: TaskConfig) -> list[dict]:
+    """A .jsonl / .json (a list) / .parquet file -> [{'question', 'answer'}] by task.prompt_key / task.answer_key."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"task.path={path!r} is not a file: expected a .jsonl, .json or .parquet file")
+    try:
+        if p.suffix == ".parquet":
+            import pyarrow.parquet as pq
+            raw = pq.read_table(p).to_pylist()
+        elif p.suffix == ".json":
+            raw = json.loads(p.read_text())
+        else:
+            raw = [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+    except (ValueError, ImportError, OSError) as e:
+        raise ConfigError(f"task.path={path!r} is unreadable ({str(e).splitlines()[0][:100]}): expected one JSON "
+                          "object per line (.jsonl), a JSON list (.json) or a parquet table") from None
+    missing = [k for k in (cfg.prompt_key, cfg.answer_key) if not raw or not isinstance(raw[0], dict) or k not in raw[0]]
+    if missing:
+        raise ConfigError(f"task.path={path!r} rows have no {missing[0]!r} field: expected task.prompt_key and "
+                          f"task.answer_key to name fields of its rows (found {sorted(raw[0]) if raw else 'no rows'})")
+    return [{"question": str(r[cfg.prompt_key]), "answer": str(r[cfg.answer_key])} for r in raw]
+
+
+def file_splits(cfg: TaskConfig, seed: int):
+    """(train data, eval entries): eval from task.eval_path or the file's last task.eval_fraction, train shuffled."""
+    import random as random_mod
+
+    if not cfg.path:
+        raise ConfigError("task.path='' is invalid: expected a file of prompts and answers (task=jsonl task.path=FILE)")
+    rows = read_rows(cfg.path, cfg)
+    kind = "math" if cfg.verifier == "default" else cfg.verifier
+    if cfg.eval_path:
+        evals = read_rows(cfg.eval_path, cfg)
+    else:
+        cut = max(1, int(len(rows) * cfg.eval_fraction))
+        rows, evals = rows[:-cut], rows[-cut:]
+    random_mod.Random(seed).shuffle(rows)
+    return FileData(rows, kind), evals
+
+
 @dataclass
 class Task:
     """A training stream and a held-out eval set of one reasoning-gym dataset, disjoint by question text."""
@@ -62,17 +133,21 @@ class Task:
         return sys_msg + [{"role": "user", "content": entry["question"]}]
 
     def score(self, entry, completion: str) -> dict:
-        """{'reward', 'correct', 'format', 'error'}: verifier score (+ format bonus); errors score 0, counted."""
+        """{'reward', 'correct', 'format', 'error', 'answer'}: verifier score (+ format bonus); errors score 0, counted."""
         answer = extract_answer(completion, str(entry["answer"]))
         error = 0.0
         try:
-            score = float(self.reward_fn(entry["question"], completion, str(entry["answer"])) if self.reward_fn
-                          else self.train.score_answer(answer=answer, entry=entry))
+            if self.reward_fn:
+                score = float(self.reward_fn(entry["question"], completion, str(entry["answer"])))
+            elif self.cfg.verifier != "default" and not isinstance(self.train, FileData):
+                score = verify(self.cfg.verifier, answer, str(entry["answer"]))
+            else:
+                score = float(self.train.score_answer(answer=answer, entry=entry))
         except Exception:  # noqa: BLE001 — some verifiers raise on malformed answers; that is a wrong answer
             score, error = 0.0, 1.0
         fmt = float(bool(ANSWER_RE.search(completion)))
         return {"reward": score + self.cfg.format_reward * fmt, "correct": float(score >= 1.0), "format": fmt,
-                "error": error}
+                "error": error, "answer": answer}
 
 
 def encode(tok, task: Task, entries: list, device):
@@ -108,6 +183,9 @@ def build_task(cfg: TaskConfig, seed: int) -> Task:
     import reasoning_gym
     from reasoning_gym.factory import DATASETS
 
+    if cfg.dataset == "jsonl":
+        train, evals = file_splits(cfg, seed)
+        return _task(cfg, train, evals[:cfg.eval_size])
     if cfg.dataset not in DATASETS:
         raise ConfigError(f"task.dataset={cfg.dataset!r} is not a reasoning-gym dataset: expected one of "
                           f"{sorted(DATASETS)[:8]}... ({len(DATASETS)} in all)")
@@ -118,9 +196,14 @@ def build_task(cfg: TaskConfig, seed: int) -> Task:
     except (TypeError, ValueError, AssertionError) as e:
         raise ConfigError(f"task.params={params!r} rejected by reasoning-gym {cfg.dataset!r}: "
                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return _task(cfg, train, [evals[i] for i in range(cfg.eval_size)])
+
+
+def _task(cfg: TaskConfig, train, evals: list) -> Task:
+    """The task with its held-out set deduplicated by question, the user's reward checked on a sample, and the
+    training stream checked to have questions left."""
     seen, eval_entries = set(), []
-    for i in range(cfg.eval_size):
-        e = evals[i]
+    for e in evals:
         if e["question"] not in seen:
             seen.add(e["question"])
             eval_entries.append(e)

@@ -53,15 +53,16 @@ def test_compare_table_plots_and_incomplete_runs(sweep, tmp_path):
     # make one run incomplete, as a crash would leave it
     m = work / "3_grpo_s1" / "metrics.jsonl"
     m.write_text("".join(ln + "\n" for ln in m.read_text().splitlines()[:2]))
-    out = gspo("compare", str(work), f"compare.out={tmp_path / 'res'}", cwd=tmp_path)
+    out = gspo("compare", str(work), "--out", str(tmp_path / "res"), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "incomplete, left out" in out.stdout and "3_grpo_s1" in out.stdout
     rows = list(csv.DictReader(open(tmp_path / "res" / "compare.csv")))
-    assert [(r["algorithm"], r["seeds"]) for r in rows] == [("grpo", "1"), ("gspo", "2")]
+    assert [(r["group"], r["seeds"]) for r in rows] == [("grpo", "1"), ("gspo", "2")]
     assert {"reward improvement", "eval accuracy before → after", "clip frac (low / high)", "KL to ref", "collapses",
             "non-finite steps", "grad-norm spike", "stability", "wall min/run"} <= set(rows[0])
     md = (tmp_path / "res" / "compare.md").read_text()
-    assert md.startswith("| algorithm |") and "Incomplete runs (left out)" in md and "3_grpo_s1" in md
+    assert md.startswith("| group |") and "Incomplete runs (left out)" in md and "3_grpo_s1" in md
+    assert "Welch's t-test" in md and "not testable (one seed)" in md, md   # grpo has one complete seed here
     for name in ("reward_mean", "eval_accuracy", "clip_frac", "kl_ref", "entropy", "grad_norm"):
         png = tmp_path / "res" / f"{name}.png"
         assert png.read_bytes()[:8] == PNG and png.stat().st_size > 5000, name
@@ -97,3 +98,44 @@ def test_submitit_local_launcher_runs_a_one_job_sweep(tmp_path):
     rows = [json.loads(ln) for ln in (tmp_path / "sub" / "0_gspo_s0" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 2
     assert list((tmp_path / "sub" / ".submitit").rglob("*_result.pkl")), "ran through submitit's executor"
+
+
+def fake_run(root, name, algo, seed, improvement, task="arithmetic", steps=10):
+    """A finished run dir as `gspo train` leaves it (config + metrics), with a chosen reward trend."""
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(
+        f"algo: {{name: {algo}}}\nseed: {seed}\ntask: {{name: {task}}}\ntrainer: {{steps: {steps}}}\n")
+    rng = np.random.default_rng(seed)
+    rows = [{"step": 0, "eval/accuracy": 0.3}] + [
+        {"step": t, "reward/mean": 0.2 + improvement * t / steps + 0.001 * rng.standard_normal(), "clip/frac": 0.01,
+         "clip/frac_low": 0.0, "clip/frac_high": 0.01, "grad/norm": 1.0, "grad/nonfinite": 0, "kl/ref": 0.0,
+         "time/step": 1.0} for t in range(1, steps + 1)]
+    rows[-1]["eval/accuracy"] = 0.3 + improvement
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+def test_compare_groups_by_what_differs_counts_a_run_once_and_marks_significance(tmp_path):
+    root = tmp_path / "runs"
+    for seed in range(3):
+        fake_run(root, f"g{seed}", "gspo", seed, 0.5)
+        fake_run(root, f"r{seed}", "grpo", seed, 0.1)
+        fake_run(root, f"z{seed}", "gspo", seed, 0.3, task="zebra")
+    out = gspo("compare", str(root), str(root / "g0"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = list(csv.DictReader(open(root / "compare" / "compare.csv")))       # the default: inside the first dir
+    assert {r["group"]: r["seeds"] for r in rows} == {"gspo, task.name=arithmetic": "3", "gspo, task.name=zebra": "3",
+                                                      "grpo, task.name=arithmetic": "3"}
+    best = next(r for r in rows if r["group"] == "gspo, task.name=arithmetic")
+    assert best["reward improvement"].startswith("+0.4") and "[" in best["reward improvement"]
+    lines = {ln.split(":")[0]: ln for ln in out.stdout.splitlines() if "t-test" in ln or "spread" in ln}
+    assert lines["reward improvement"].startswith("reward improvement: gspo, task.name=arithmetic leads gspo, "
+                                                  "task.name=zebra by 0.18")
+    assert lines["reward improvement"].endswith(": significant at 0.05")
+    assert lines["clip frac (low / high)"].endswith("no spread over seeds: not significant at 0.05")
+
+
+def test_compare_help_prints_usage(tmp_path):
+    out = gspo("compare", "--help", cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.startswith("usage: gspo compare")

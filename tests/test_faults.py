@@ -90,7 +90,7 @@ def test_resume_keeps_the_runs_config_and_compare_reports_it(finished, tmp_path)
     from omegaconf import OmegaConf
     saved = OmegaConf.load(run / ".hydra" / "config.yaml")
     assert (saved.algo.name, saved.seed, saved.trainer.steps) == ("grpo", 3, 2)
-    out = gspo("compare", str(run), f"compare.out={tmp_path / 'cmp'}", cwd=tmp_path)
+    out = gspo("compare", str(run), "--out", str(tmp_path / "cmp"), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     row = (tmp_path / "cmp" / "compare.csv").read_text().splitlines()[1]
     assert row.startswith("grpo,1,"), row
