@@ -32,8 +32,12 @@ def majority_correct(answers: list, correct: list) -> float:
     return float(correct[answers.index(best)])
 
 
-def summarize(greedy: list[dict], sampled: list[list[dict]], ks: list[int]) -> dict:
-    """Metrics from per-prompt scores: greedy (one per prompt) and, when sampling, k scored samples per prompt."""
+def summarize(greedy: list[dict], sampled: list[list[dict]], ks: list[int], details: dict | None = None) -> dict:
+    """Metrics from per-prompt scores: greedy (one per prompt) and, when sampling, k scored samples per prompt.
+    `details`, when given, receives the per-prompt counts behind them (what eval.json records)."""
+    if details is not None:
+        details["greedy_correct"] = [int(s["correct"]) for s in greedy]
+        details["samples_correct"] = [int(sum(s["correct"] for s in row)) for row in sampled]
     out = {"eval/accuracy": float(np.mean([s["correct"] for s in greedy])),
            "eval/reward": float(np.mean([s["reward"] for s in greedy]))}
     if sampled:
@@ -46,11 +50,11 @@ def summarize(greedy: list[dict], sampled: list[list[dict]], ks: list[int]) -> d
     return out
 
 
-def write(path: Path, cfg: Config, metrics: dict, source: str) -> Path:
+def write(path: Path, cfg: Config, metrics: dict, source: str, details: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"source": source, "task": cfg.task.name, "dataset": cfg.task.dataset,
-                                "prompts": cfg.task.eval_size, "samples": cfg.eval.samples,
-                                "temperature": cfg.rollout.temperature, **metrics}, indent=1) + "\n")
+                                "prompts": len(details["greedy_correct"]), "samples": cfg.eval.samples,
+                                "temperature": cfg.rollout.temperature, **metrics, **details}, indent=1) + "\n")
     return path
 
 
@@ -110,9 +114,10 @@ def main(args: list[str]) -> None:
     p = loop.build(cfg, loop.Ranks())
     if state is not None:
         models.load_trainable_state(p.policy, state["model"])
-    metrics = loop.evaluate(p)
+    details = {}
+    metrics = loop.evaluate(p, details)
     out = write(Path(cfg.eval.out) if cfg.eval.out else default_out, cfg, metrics,
-                source=f"{target} (step {state['step']})" if state else f"model={cfg.model.name}, untrained")
+                f"{target} (step {state['step']})" if state else f"model={cfg.model.name}, untrained", details)
     show(metrics, f"gspo eval: {cfg.model.name} on {cfg.task.name} ({len(p.task.eval_entries)} prompts)")
     print(f"wrote {out}")
 

@@ -231,7 +231,7 @@ def optimizer_step(p: Parts, loss: Tensor) -> tuple[float, bool]:
 
 
 @torch.no_grad()
-def evaluate(p: Parts) -> dict:
+def evaluate(p: Parts, details: dict | None = None) -> dict:
     """The held-out set (split across ranks, in batches as large as a rollout's): greedy eval/accuracy and
     eval/reward; with eval.samples = n > 1 also n samples per prompt for pass@k and maj@n (`evaluation.summarize`)."""
     size, n = p.cfg.trainer.prompts_per_step // p.ranks.world * p.cfg.algo.group_size, p.cfg.eval.samples
@@ -243,7 +243,7 @@ def evaluate(p: Parts) -> dict:
         scores = sample_and_score(p, mine[i:i + per_batch], n).scores
         sampled += [scores[j:j + n] for j in range(0, len(scores), n)]
     gathered = [[x for part in distributed.gather_objects(lst, p.ranks) for x in part] for lst in (greedy, sampled)]
-    return evaluation.summarize(*gathered, list(p.cfg.eval.k) or sorted({1, n}))
+    return evaluation.summarize(*gathered, list(p.cfg.eval.k) or sorted({1, n}), details)
 
 
 def train(cfg: Config, run_dir: Path, config_dict: dict, resume_state: dict | None = None) -> list[dict]:

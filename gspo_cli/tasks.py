@@ -152,7 +152,11 @@ class Task:
 
 def encode(tok, task: Task, entries: list, device):
     """The entries' chat prompts as left-padded token ids and mask, (n, P) each."""
-    texts = [tok.apply_chat_template(task.messages(e), tokenize=False, add_generation_prompt=True) for e in entries]
+    try:
+        texts = [tok.apply_chat_template(task.messages(e), tokenize=False, add_generation_prompt=True) for e in entries]
+    except ValueError as e:  # a tokenizer with no chat template
+        raise ConfigError(f"task={task.cfg.name}: the model's tokenizer cannot template its prompts "
+                          f"({str(e).splitlines()[0][:100]}): expected a tokenizer with a chat template") from None
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     return enc.input_ids.to(device), enc.attention_mask.to(device)
 

@@ -132,7 +132,7 @@ def test_compare_groups_by_what_differs_counts_a_run_once_and_marks_significance
     lines = {ln.split(":")[0]: ln for ln in out.stdout.splitlines() if "t-test" in ln or "spread" in ln}
     assert lines["reward improvement"].startswith("reward improvement: gspo, task.name=arithmetic leads gspo, "
                                                   "task.name=zebra by 0.18")
-    assert lines["reward improvement"].endswith(": significant at 0.05")
+    assert lines["reward improvement"].endswith(": significant at 0.05)")
     assert lines["clip frac (low / high)"].endswith("no spread over seeds: not significant at 0.05")
 
 
