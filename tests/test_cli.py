@@ -45,9 +45,9 @@ def test_cfg_job_and_help(tmp_path):
     assert help_.returncode == 0 and "algo: dapo, grpo, gspo, ppo" in help_.stdout and "gspo train" in help_.stdout and "model:" in help_.stdout
     top = gspo("--help", cwd=tmp_path)
     assert top.returncode == 0 and top.stdout.splitlines()[0] == "usage: gspo COMMAND [hydra overrides]"
-    assert [ln.split()[0] for ln in top.stdout.splitlines()[1:]] == ["train", "compare"]
+    assert [ln.split()[0] for ln in top.stdout.splitlines()[1:]] == ["train", "eval", "export", "plan", "compare"]
     bad = gspo("trian", cwd=tmp_path)
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: unknown command 'trian': expected one of ['compare', 'train']"
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: unknown command 'trian': expected one of ['compare', 'eval', 'export', 'plan', 'train']"
 
 
 # Validation errors: checked in-process (the console script prints them as "error: <message>", exit 2; the
@@ -94,7 +94,7 @@ def test_bf16_base_is_accepted_under_lora(compose):
 BAD = [
     (["trainer.steps=-1"], "error: trainer.steps=-1 is invalid: expected an integer > 0"),
     (["task=nope"], "error: task='nope' is not a config option: expected one of "
-                    "['arithmetic', 'gsm', 'reasoning_gym', 'zebra']"),
+                    "['arithmetic', 'gsm', 'jsonl', 'reasoning_gym', 'zebra']"),
     (["algo=ppo2"], "error: algo='ppo2' is not a config option: expected one of ['dapo', 'grpo', 'gspo', 'ppo']"),
     (["trainer.steps=abc"],
      "error: trainer.steps='abc' is invalid: Value 'abc' of type 'str' could not be converted to Integer"),

@@ -32,7 +32,7 @@ def test_score_uses_the_verifier_and_format_bonus():
     e = task.eval_entries[0]
     right, wrong = task.score(e, f"<answer>{e['answer']}</answer>"), task.score(e, "<answer>99999</answer>")
     plain = task.score(e, f"So the result is {e['answer']}.")
-    assert right == {"reward": 1.1, "correct": 1.0, "format": 1.0, "error": 0.0}
+    assert right == {"reward": 1.1, "correct": 1.0, "format": 1.0, "error": 0.0, "answer": "1"}
     assert wrong["correct"] == 0.0 and wrong["reward"] == pytest.approx(0.1)
     assert plain["correct"] == 1.0 and plain["reward"] == 1.0
 
@@ -72,4 +72,5 @@ def test_a_verifier_that_raises_scores_zero_and_is_counted(monkeypatch):
         raise ValueError("malformed answer")  # what some reasoning-gym verifiers do on junk
     monkeypatch.setattr(task.train, "score_answer", broken)
     assert task.score(task.eval_entries[0], "<answer>junk</answer>") == {"reward": 0.0, "correct": 0.0,
-                                                                          "format": 1.0, "error": 1.0}
+                                                                          "format": 1.0, "error": 1.0,
+                                                                          "answer": "junk"}
