@@ -4,7 +4,7 @@
     python bench/limits.py outputs/.../RUN_DIR    # + per-step floor vs measured time/step of that run
 
 Floor per step ≈ (2·N · generated tokens + 6·N · trained tokens) / peak rate, with N the parameter count including
-the LM head (SmolLM2-135M: 134.5 M, embeddings tied) and trained tokens = response tokens × epochs (the issue's
+the LM head (SmolLM2-135M: 134.5 M, embeddings tied) and trained tokens = response tokens × epochs (the
 estimate: prompt tokens also pass the trunk, so the true floor is somewhat higher).
 """
 from __future__ import annotations

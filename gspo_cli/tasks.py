@@ -69,8 +69,11 @@ def read_rows(path: str, cfg: TaskConfig) -> list[dict]:
     from pathlib import Path
 
     p = Path(path)
+    if path.startswith("hf:"):                # a Hugging Face datasets name (needs the network or its local cache)
+        return _rows(_hub_dataset(path[3:]), path, cfg)
     if not p.is_file():
-        raise ConfigError(f"task.path={path!r} is not a file: expected a .jsonl, .json or .parquet file")
+        raise ConfigError(f"task.path={path!r} is not a file: expected a .jsonl, .json or .parquet file, or "
+                          "hf:NAME[:SPLIT] for a Hugging Face dataset")
     try:
         if p.suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -82,6 +85,21 @@ def read_rows(path: str, cfg: TaskConfig) -> list[dict]:
     except (ValueError, ImportError, OSError) as e:
         raise ConfigError(f"task.path={path!r} is unreadable ({str(e).splitlines()[0][:100]}): expected one JSON "
                           "object per line (.jsonl), a JSON list (.json) or a parquet table") from None
+    return _rows(raw, path, cfg)
+
+
+def _hub_dataset(spec: str) -> list[dict]:
+    name, _, split = spec.partition(":")
+    try:
+        import datasets
+        return list(datasets.load_dataset(name, split=split or "train"))
+    except Exception as e:  # noqa: BLE001 — not installed, offline, unknown name or split: one line
+        raise ConfigError(f"task.path='hf:{spec}' could not be loaded ({str(e).strip().splitlines()[0][:120]}): "
+                          "expected a Hugging Face dataset reachable online or in the local cache "
+                          "(`pip install datasets`)") from None
+
+
+def _rows(raw: list, path: str, cfg: TaskConfig) -> list[dict]:
     missing = [k for k in (cfg.prompt_key, cfg.answer_key) if not raw or not isinstance(raw[0], dict) or k not in raw[0]]
     if missing:
         raise ConfigError(f"task.path={path!r} rows have no {missing[0]!r} field: expected task.prompt_key and "

@@ -96,6 +96,20 @@ def test_jsonl_task_with_math_verify_and_exact():
     assert exact.score(entry, "\\boxed{16.0}")["correct"] == 0.0 and exact.score(entry, "so 16")["correct"] == 1.0
 
 
+def test_parquet_and_json_files_read_like_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(ln) for ln in DATA.read_text().splitlines()]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    for name in ("d.parquet", "d.json"):
+        cfg = TaskConfig(name="jsonl", dataset="jsonl", path=str(tmp_path / name), prompt_key="problem",
+                         answer_key="solution", eval_size=3)
+        task = tasks.build_task(cfg, 0)
+        assert task.eval_entries[-1] == {"question": rows[-1]["problem"], "answer": rows[-1]["solution"]}
+
+
 @pytest.mark.slow
 def test_jsonl_task_trains_with_a_user_reward(tmp_path):
     run = tmp_path / "run"
@@ -116,12 +130,23 @@ def test_jsonl_task_trains_with_a_user_reward(tmp_path):
     (["train", *QUIET, "task=jsonl"], "error: task.path='' is invalid: expected a file of prompts and answers"),
     (["train", *QUIET, "task=jsonl", f"task.path={DATA}"], "error: task.path='" + str(DATA) + "' rows have no "
                                                             "'question' field"),
+    (["train", *QUIET, "task=jsonl", "task.path=hf:no-such-org/no-such-set"],
+     "error: task.path='hf:no-such-org/no-such-set' could not be loaded"),
 ])
 def test_bad_input_after_training_is_one_line(tmp_path, args, start):
     out = gspo(*[a.format(tmp=tmp_path) for a in args], cwd=tmp_path)
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
     assert out.returncode == 2 and len(errors) == 1, out.stderr[-2000:]
     assert errors[0].startswith(start.format(tmp=tmp_path)) and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_push_to_hub_offline_is_one_line_and_keeps_the_export(trained, tmp_path):
+    out = gspo("export", str(trained["full"]), f"out={tmp_path / 'hf'}", "push_to_hub=someone/tiny", cwd=tmp_path)
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert out.returncode == 2 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert errors[0].startswith("error: push_to_hub='someone/tiny' failed (")
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow

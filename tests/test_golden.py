@@ -4,8 +4,9 @@ tests/golden/metrics.json holds every non-timing metric of
   * `model=tiny` runs of GSPO, GRPO and PPO (the whole CLI path: sampling, log-probs, update, logging), and
   * a `model=smollm2-135m` GSPO run with 4 minibatches, because the random tiny model never earns a reward, so
     its advantages, clip fractions and gradients are all zero; the real model's are not.
-Recorded with commit 2063778's code on the 2-core dev machine (torch 2.13.0+cpu, trainer.threads=2) before any
-performance change. Tolerance: rewards, lengths and counts exact; other floats rtol 1e-4 (different kernels sum
+Recorded on the 2-core dev machine (torch 2.13.0+cpu, trainer.threads=2) before the performance work, and again
+when a metric key was added (rollout/logp_diff): tiny PPO's rows changed then, because with no reward its
+advantages are whitened rounding noise, which moved when the reference pass began to run per minibatch. Tolerance: rewards, lengths and counts exact; other floats rtol 1e-4 (different kernels sum
 in a different order; a sampled token flipping would change rewards and fail the test, as it should).
 After a deliberate change of the math: `python tests/test_golden.py --write`, and say why in the commit.
 

@@ -4,7 +4,7 @@ TRL's method reads trainer state; we give it a minimal `self` (its real `acceler
 reductions, a log-prob provider in place of the model forward) so that every line of loss and clip-metric math
 that runs is TRL's. Where TRL's definition differs from ours, the test shows the difference explicitly:
 - loss aggregation: TRL loss_type="grpo" is ours seq_mean_token_mean (GRPO eq. 3 and GSPO eq. 5) — equal;
-- GSPO clip fraction: TRL counts clipped *sequences* / sequences; DESIGN §4 counts every token of a clipped sequence
+- GSPO clip fraction: TRL counts clipped *sequences* / sequences; ours counts every token of a clipped sequence
   (token-weighted). Equal when all lengths are equal, different otherwise — asserted both ways below.
 
     pytest tests/test_peer_trl.py -q
