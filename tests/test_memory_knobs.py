@@ -7,7 +7,8 @@ with adapters disabled, bitsandbytes AdamW8bit, bf16 autocast, and their config 
 import pytest
 import torch
 
-from conftest import LEARNS, TINY, assert_same_final_state, assert_trained, gspo, read_metrics, run_update, tiny_rollout
+from conftest import (LEARNS, PPO_RTOL, TINY, assert_same_final_state, assert_trained, gspo, read_metrics, run_update,
+                      same_rows, tiny_rollout)
 from gspo_cli import algorithms, loop, models, rollout
 from gspo_cli.config import Config, ModelConfig, OptimConfig
 
@@ -61,8 +62,8 @@ def test_lora_run_checkpoints_adapters_only_and_resumes_exactly(tmp_path):
     assert gspo("train", f"resume={part}", "trainer.steps=3", LEARNS[0], cwd=tmp_path).returncode == 0
     read = read_metrics
     assert_trained(read(straight))
-    assert read(part) == read(straight)
-    assert_same_final_state(straight, part)
+    assert same_rows(read(part), read(straight), PPO_RTOL)
+    assert_same_final_state(straight, part, PPO_RTOL)
 
 
 def test_adamw8bit_runs_on_cpu_with_8bit_state(tiny, restored):

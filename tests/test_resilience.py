@@ -14,7 +14,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from conftest import ENV, GSPO, LEARNS, TINY, assert_same_final_state, assert_trained, read_metrics
+from conftest import (ENV, GSPO, LEARNS, PPO_RTOL, TINY, assert_same_final_state, assert_trained, read_metrics,
+                      same_rows)
 from gspo_cli import algorithms as A, checkpoint
 
 RUN = [*TINY, *LEARNS, "trainer.steps=5", "trainer.eval_every=3"]
@@ -59,8 +60,9 @@ def test_kill_9_at_a_random_step_then_resume_equals_the_uninterrupted_run(tmp_pa
     res = popen(args, tmp_path)
     assert res.wait(600) == 0, res.stderr.read()[-3000:]
     assert_trained(metrics(straight))
-    assert metrics(killed) == metrics(straight), f"killed at step {kill_at}"
-    assert_same_final_state(straight, killed)
+    rtol = PPO_RTOL if algo == "ppo" else 0.0
+    assert same_rows(metrics(killed), metrics(straight), rtol), f"killed at step {kill_at}"
+    assert_same_final_state(straight, killed, rtol)
     ids = {p.name.rsplit("-", 1)[-1] for p in (killed / "wandb").glob("offline-run-*")}
     assert len(ids) == 1, f"the W&B run is resumed, not duplicated: {ids}"
 
