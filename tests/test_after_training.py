@@ -130,8 +130,8 @@ def test_jsonl_task_trains_with_a_user_reward(tmp_path):
     (["train", *QUIET, "task=jsonl"], "error: task.path='' is invalid: expected a file of prompts and answers"),
     (["train", *QUIET, "task=jsonl", f"task.path={DATA}"], "error: task.path='" + str(DATA) + "' rows have no "
                                                             "'question' field"),
-    (["train", *QUIET, "task=jsonl", "task.path=hf:no-such-org/no-such-set"],
-     "error: task.path='hf:no-such-org/no-such-set' could not be loaded"),
+    pytest.param(["train", *QUIET, "task=jsonl", "task.path=hf:no-such-org/no-such-set"],
+                 "error: task.path='hf:no-such-org/no-such-set' could not be loaded", marks=pytest.mark.slow),
 ])
 def test_bad_input_after_training_is_one_line(tmp_path, args, start):
     out = gspo(*[a.format(tmp=tmp_path) for a in args], cwd=tmp_path)

@@ -108,6 +108,7 @@ def test_plan_of_the_h100_preset_fits_80_gb(tmp_path):
     assert out.stdout.strip().splitlines()[-1] == "sweep over algo=gspo,grpo,ppo: fits"
 
 
+@pytest.mark.slow
 def test_plan_says_which_knob_when_it_does_not_fit(tmp_path):
     out = gspo("plan", "+experiment=compare_h100", "trainer.memory_gb=40", "trainer.lm_head_chunk=0", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
