@@ -99,6 +99,11 @@ def load(run_dir: str | Path, warn=print, what: str = "resume") -> dict:
     raise AssertionError("unreachable")
 
 
+def load_run_or_checkpoint(path: Path, what: str) -> dict:
+    """One checkpoint dir's state, or a run dir's newest loadable one (gspo eval, gspo export)."""
+    return load_file(path / "state.pt") if (path / "state.pt").is_file() else load(path, what=what)
+
+
 def rng_state(*generators: torch.Generator) -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,

@@ -88,8 +88,7 @@ def run_config(target: str | None, overrides: list[str]):
     path = Path(target)
     if not path.is_dir():
         raise ConfigError(f"gspo eval {target!r}: not a directory: expected a run dir or one of its checkpoint dirs")
-    state = checkpoint.load_file(path / "state.pt") if (path / "state.pt").is_file() else \
-        checkpoint.load(path, what="gspo eval")
+    state = checkpoint.load_run_or_checkpoint(path, "gspo eval")
     keys = {o.lstrip("+").split("=", 1)[0] for o in overrides}
     if "model" in keys:
         raise ConfigError(f"model= with gspo eval {target!r}: expected no model override (the weights are the run's)")

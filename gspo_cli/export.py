@@ -41,8 +41,7 @@ def main(args: list[str]) -> Path:
     path = Path(run)
     if not path.is_dir():
         raise ConfigError(f"gspo export {run!r}: not a directory: expected a gspo run dir")
-    state = checkpoint.load_file(path / "state.pt") if (path / "state.pt").is_file() else \
-        checkpoint.load(path, what="gspo export")
+    state = checkpoint.load_run_or_checkpoint(path, "gspo export")
     cfg = to_config(_plain_saved_config(state["config"], run))
     tok = models.load_tokenizer(cfg.model)
     policy = models.load_policy(cfg.model, tok, torch.device("cpu"), seed=cfg.seed)
