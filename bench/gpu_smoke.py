@@ -47,7 +47,7 @@ def main(overrides: list[str]) -> None:
         adv, _, _ = loop.advantages(p, batch, old_logp, ref_logp, order[:cfg.trainer.minibatches])
         torch.cuda.synchronize()
         t1 = time.perf_counter()
-        loop.update(p, batch, order, adv, old_logp)
+        stats = loop.update(p, batch, order, adv, old_logp)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
         gen = int(batch.roll.mask.sum())
@@ -58,6 +58,9 @@ def main(overrides: list[str]) -> None:
         print(f"step {step + 1}: {t2 - t0:.1f} s (generate {t_gen - t0:.1f}, π_old+ref {t1 - t_gen:.1f}, update "
               f"{t2 - t1:.1f}); {gen / (t_gen - t0):.0f} generated tok/s; MFU {flops / (t2 - t0) / PEAK_FLOPS:.1%}",
               flush=True)
+        print(f"  reward {batch.rewards.mean():.3f}; grad/norm {stats['grad/norm']:.3g}; skipped (non-finite) "
+              f"{stats['grad/nonfinite']}; rollout/logp_diff {stats['rollout/logp_diff']:.2e}; "
+              f"clip {stats.get('clip/frac', float('nan')):.3f}", flush=True)
     est = plan.estimate(cfg, plan.shapes(cfg), int(batch.roll.prompt_mask.sum(-1).max()), "cuda")
     print(f"device: {torch.cuda.get_device_name()}; params {n_params / 1e9:.2f} B; precision {p.precision}")
     print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated, "

@@ -7,6 +7,7 @@ the key, the value and what is allowed. Everything below `cli.py` receives these
 from __future__ import annotations
 
 import math
+import os
 
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
@@ -55,6 +56,7 @@ class ModelConfig:
     arch: dict = field(default_factory=dict)   # source=random: a transformers config (model_type + sizes), random init
     hub_id: Optional[str] = None       # hub repo id, for source=hub
     path: Optional[str] = None         # local dir with the weights; wins over hub_id
+    tokenizer: Optional[str] = None    # a tokenizer dir (save_pretrained) instead of the model's own
     dtype: str = "float32"             # float32 | bfloat16 (bfloat16: only as a frozen LoRA base; see validate)
     gradient_checkpointing: bool = False
     tiny_layers: int = 2               # source=tiny: LlamaConfig sizes
@@ -214,6 +216,8 @@ def _validate_model_and_optim(cfg: Config) -> None:
            "one of ['gguf', 'hub', 'tiny', 'random']")
     _check(m.source != "random" or "model_type" in m.arch, "model.arch", m.arch,
            "a transformers config with model_type (e.g. conf/model/qwen1.5b.yaml's) for model.source=random")
+    _check(m.tokenizer is None or os.path.isfile(os.path.join(m.tokenizer, "tokenizer_config.json")),
+           "model.tokenizer", m.tokenizer, "a tokenizer dir with tokenizer_config.json (AutoTokenizer.save_pretrained)")
     _check(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype, "'float32' or 'bfloat16'")
     _check(m.dtype == "float32" or m.lora.r > 0, "model.dtype", m.dtype,
            f"'float32' for full fine-tuning: bf16 weights keep 8 mantissa bits, so AdamW steps at optim.lr={o.lr:g} "

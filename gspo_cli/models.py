@@ -59,7 +59,9 @@ def load_tokenizer(cfg: ModelConfig):
 
     hf_logging.disable_progress_bar()  # transformers' weight-loading bars; the GGUF loader's own tqdm bar still shows
 
-    if cfg.source == "hub":
+    if cfg.tokenizer is not None:  # e.g. a random stand-in with a real tokenizer, without its weights
+        tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    elif cfg.source == "hub":
         tok = AutoTokenizer.from_pretrained(_hub_location(cfg), local_files_only=_offline(cfg))
     else:  # gguf and tiny share SmolLM2's tokenizer
         d, f = smollm2_gguf()

@@ -202,12 +202,12 @@ def load_reward_fn(spec: str):
 
 
 def build_task(cfg: TaskConfig, seed: int) -> Task:
+    if cfg.dataset == "jsonl":  # before the reasoning-gym import: a user's own file does not need it
+        train, evals = file_splits(cfg, seed)
+        return _task(cfg, train, evals[:cfg.eval_size])
     import reasoning_gym
     from reasoning_gym.factory import DATASETS
 
-    if cfg.dataset == "jsonl":
-        train, evals = file_splits(cfg, seed)
-        return _task(cfg, train, evals[:cfg.eval_size])
     if cfg.dataset not in DATASETS:
         raise ConfigError(f"task.dataset={cfg.dataset!r} is not a reasoning-gym dataset: expected one of "
                           f"{sorted(DATASETS)[:8]}... ({len(DATASETS)} in all)")
