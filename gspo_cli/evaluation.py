@@ -113,6 +113,7 @@ def main(args: list[str]) -> None:
     p = loop.build(cfg, loop.Ranks())
     if state is not None:
         models.load_trainable_state(p.policy, state["model"])
+        loop.sync_engine(p)
     details = {}
     metrics = loop.evaluate(p, details)
     out = write(Path(cfg.eval.out) if cfg.eval.out else default_out, cfg, metrics,

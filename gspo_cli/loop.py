@@ -46,6 +46,7 @@ class Parts:
     device: torch.device = torch.device("cpu")
     precision: str = "fp32"                        # trainer.precision with auto resolved
     sample_gen: torch.Generator | None = None
+    engine: object = None                          # engine.VllmEngine with rollout.engine=vllm; None: our decode loop
     shuffle_gen: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(1))
 
     def __post_init__(self):
@@ -91,9 +92,18 @@ def build(cfg: Config, ranks: Ranks) -> Parts:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: min(1.0, (u + 1) / warmup) if warmup else 1.0)
     precision = "bf16" if trainer.precision == "bf16" or (trainer.precision, device.type) == ("auto", "cuda") \
         else "fp32"
+    vllm = None
+    if cfg.rollout.engine == "vllm":
+        from .engine import VllmEngine
+        vllm = VllmEngine(cfg, policy, device, seed=cfg.seed + 1_000_003 * ranks.rank)
     return Parts(cfg, policy, opt, sched, tok, task, ref_model, use_ref, forward, ranks, device, precision,
                  sample_gen=torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * ranks.rank),  # rank 0: 1-rank
-                 shuffle_gen=torch.Generator().manual_seed(cfg.seed + 1))
+                 engine=vllm, shuffle_gen=torch.Generator().manual_seed(cfg.seed + 1))
+
+
+def sync_engine(p: Parts) -> float:
+    """The policy's current weights into the rollout engine (after each update, after a resume) -> seconds."""
+    return p.engine.sync(p.policy) if p.engine is not None else 0.0
 
 
 @torch.no_grad()
@@ -102,11 +112,17 @@ def sample_and_score(p: Parts, entries: list, G: int, greedy: bool = False) -> B
     p_ids, p_mask = tasks.encode(p.tok, p.task, entries, p.device)                       # (n, P)
     p.policy.eval()
     r = p.cfg.rollout
-    with p.autocast():
-        roll = rollout.generate(p.policy, p_ids.repeat_interleave(G, 0), p_mask.repeat_interleave(G, 0),
-                                max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                greedy=greedy, eos_id=p.tok.eos_token_id, pad_id=p.tok.pad_token_id,
-                                generator=p.sample_gen)
+    if p.engine is not None:  # the engine's seed is drawn from the run's generator, so a resume replays it
+        seed = int(torch.randint(2**31 - 1, (1,), generator=p.sample_gen, device=p.sample_gen.device))
+        roll = p.engine.generate(p_ids, p_mask, G, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                                 top_p=r.top_p, greedy=greedy, eos_id=p.tok.eos_token_id,
+                                 pad_id=p.tok.pad_token_id, seed=seed)
+    else:
+        with p.autocast():
+            roll = rollout.generate(p.policy, p_ids.repeat_interleave(G, 0), p_mask.repeat_interleave(G, 0),
+                                    max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                    greedy=greedy, eos_id=p.tok.eos_token_id, pad_id=p.tok.pad_token_id,
+                                    generator=p.sample_gen)
     completions = tasks.decode(p.tok, roll.ids, roll.mask)
     scores = [p.task.score(e, c) for e, c in zip([e for e in entries for _ in range(G)], completions)]
     rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32, device=p.device)   # (B,)
@@ -124,11 +140,11 @@ def minibatch_order(B: int, p: Parts) -> list[Tensor]:
 
 @torch.no_grad()
 def old_logps(p: Parts, batch: Batch, first_epoch: list[Tensor]) -> Tensor:
-    """π_old (B, T): the sampler's log-probs when the trainer computes as the sampler did (fp32 weights, no
-    autocast); otherwise a teacher-forced pass in the update's minibatch shapes and numerics, so that the first
+    """π_old (B, T): the sampler's log-probs when the trainer computes as the sampler did (our decode loop, fp32
+    weights, no autocast); otherwise (a rollout engine, bf16) a teacher-forced pass in the update's minibatch shapes and numerics, so that the first
     minibatch's ratio is 1 (bf16 kernels give different numbers for different shapes)."""
     mode, roll = p.cfg.rollout.old_logp, batch.roll
-    same_numerics = p.precision == "fp32" and p.cfg.model.dtype == "float32"
+    same_numerics = p.engine is None and p.precision == "fp32" and p.cfg.model.dtype == "float32"
     if mode == "sampler" or (mode == "auto" and same_numerics):
         return roll.logp
     with p.autocast():
@@ -168,6 +184,14 @@ def advantages(p: Parts, batch: Batch, old_logp: Tensor, ref_logp: Tensor | None
     return adv, (old_values, returns), metrics
 
 
+def correction(p: Parts, batch: Batch, old_logp: Tensor) -> tuple[Tensor | None, dict]:
+    """rollout.is_correction's weights for the gap between the sampler's log-probs and the trainer's π_old."""
+    r, a = p.cfg.rollout, p.cfg.algo
+    geometric = a.name == "gspo" and a.variant == "sequence"
+    return algorithms.rollout_correction(old_logp, batch.roll.logp, batch.roll.mask, r.is_correction,
+                                         r.is_threshold, geometric)
+
+
 def loss_knobs(cfg: Config) -> dict:
     """cfg.algo's value of each knob the chosen loss declares; loss_agg=default keeps the loss's own default."""
     knobs = algorithms.get(cfg.algo.name).knobs()
@@ -177,13 +201,14 @@ def loss_knobs(cfg: Config) -> dict:
 
 
 def update(p: Parts, batch: Batch, order: list[Tensor], adv: Tensor, old_logp: Tensor, ref_logp=None,
-           value_targets=None) -> dict:
+           value_targets=None, is_weight=None) -> dict:
     """One clipped optimizer step per minibatch in `order`; every stat the loss returns is folded over them.
 
     adv is (B,) (one per response) or (B, T) (per token, with value_targets = (old_values, returns)). With K ranks
     a minibatch is the union of every rank's local minibatch; DDP averages the ranks' gradients, which is the
     global mean for the per-sequence aggregations (equal sequences per rank) and, after the rescale below, for
     token_mean. rollout/logp_diff: mean |sampler − trainer| log-prob of the first minibatch before its step.
+    is_weight (B, T): the rollout correction's per-token weights (`algorithms.rollout_correction`), or None.
     """
     cfg, roll, loss_fn, knobs = p.cfg, batch.roll, algorithms.get(p.cfg.algo.name).loss, loss_knobs(p.cfg)
     acc, norms, nonfinite, logp_diff = {}, [], 0, None
@@ -202,7 +227,7 @@ def update(p: Parts, batch: Batch, order: list[Tensor], adv: Tensor, old_logp: T
         if logp_diff is None:
             logp_diff = algorithms.token_mean((logp.detach() - cut(roll.logp)).abs(), mask).item()
         loss, stats = loss_fn(logp, cut(old_logp), adv[idx] if adv.dim() == 1 else cut(adv), mask,
-                              ref_logp=cut(ref_logp), **critic_kw, **knobs)
+                              ref_logp=cut(ref_logp), is_weight=cut(is_weight), **critic_kw, **knobs)
         scale = 1.0
         if p.ranks.world > 1 and knobs["loss_agg"] == "token_mean":  # local token mean -> share of global mean
             n = mask.sum().item()
@@ -254,6 +279,8 @@ def train(cfg: Config, run_dir: Path, config_dict: dict, resume_state: dict | No
         with stopping.caught_signals() as caught:
             p = build(cfg, ranks)
             start, cursor, wandb_id = checkpoint.restore(p, resume_state, run_dir)
+            if resume_state is not None:
+                sync_engine(p)
             if ranks.main:
                 log = RunLogger(run_dir, config_dict, steps=trainer.steps, start_step=start,
                                 wandb_cfg=cfg.logger.wandb, wandb_id=wandb_id)
@@ -268,8 +295,13 @@ def train(cfg: Config, run_dir: Path, config_dict: dict, resume_state: dict | No
                 old_logp = old_logps(p, batch, order[:trainer.minibatches])                       # (B, T)
                 ref_logp = reference_logps(p, batch, order[:trainer.minibatches])                 # (B, T) | None
                 adv, value_targets, adv_metrics = advantages(p, batch, old_logp, ref_logp, order[:trainer.minibatches])
+                is_weight, is_metrics = correction(p, batch, old_logp)                                # (B, T) | None
                 t1 = time.perf_counter()
-                stats = update(p, batch, order, adv, old_logp, ref_logp if cfg.algo.beta > 0 else None, value_targets)
+                stats = update(p, batch, order, adv, old_logp, ref_logp if cfg.algo.beta > 0 else None, value_targets,
+                               is_weight)
+                stats.update(is_metrics)
+                if p.engine is not None:
+                    stats["time/weight_sync"] = sync_engine(p)
                 metrics = step_row(p, batch, old_logp, ref_logp, {**stats, **adv_metrics}, t0, t1,
                                        time.perf_counter())
                 if trainer.eval_every and (step % trainer.eval_every == 0 or step == trainer.steps):

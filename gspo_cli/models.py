@@ -151,6 +151,24 @@ def trainable_state(model) -> dict:
     return {k: v for k, v in model.state_dict().items() if k in keep}
 
 
+def hf_state_dict(model) -> dict:
+    """The policy's weights under plain transformers names, as a rollout engine loads them: LoRA merged as
+    W + ΔW (the model itself untouched), PPO's value head and critic copy left out."""
+    skip = ("value_head.", "critic.")
+    if not is_lora(model):
+        return {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {f"{n}.base_layer.weight": m.get_delta_weight("default")
+              for n, m in model.named_modules() if isinstance(m, LoraLayer) and "default" in m.lora_A}
+    out = {}
+    for k, v in model.state_dict().items():
+        if "lora_" in k or k.startswith(skip):
+            continue
+        out[k.removeprefix("base_model.model.").replace(".base_layer.", ".")] = v + deltas[k] if k in deltas else v
+    return out
+
+
 def load_trainable_state(model, state: dict) -> None:
     if not is_lora(model):
         try:

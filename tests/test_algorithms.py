@@ -348,3 +348,45 @@ def test_length_one_and_all_padding_rows(name):
     assert torch.isfinite(loss) and loss.item() == pytest.approx(want * (1 if name == "dapo" else 2 / 3), abs=1e-9)
     assert st["clip/frac"] == pytest.approx(frac) and st["tokens"] == 4
     assert st["ratio/max"] < 1.5, "the padded row's ratio (e^5) must not enter the stats"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_rollout_correction_against_loops(seed):
+    """token_truncate: w = min(π_old/μ, C) per token; sequence_mask: keep a response while its ratio (geometric
+    mean for GSPO, product otherwise) is within [1/C, C] — checked element by element against plain loops."""
+    _, old, sampler, _, mask = ragged(6, 9, seed)
+    sampler = old + torch.randn(old.shape, generator=torch.Generator().manual_seed(seed)) * 0.6
+    C = 1.5
+    w, stats = A.rollout_correction(old, sampler, mask, "token_truncate", C, geometric=False)
+    for i in range(6):
+        for t in range(9):
+            want = min(math.exp(old[i, t] - sampler[i, t]), C) if mask[i, t] else 0.0
+            assert w[i, t].item() == pytest.approx(want, rel=1e-12)
+    assert 0 < stats["rollout_is/truncated_frac"] < 1
+    for geometric in (True, False):
+        w, stats = A.rollout_correction(old, sampler, mask, "sequence_mask", C, geometric=geometric)
+        kept = 0
+        for i in range(6):
+            n = int(mask[i].sum())
+            log_s = sum((old[i, t] - sampler[i, t]).item() for t in range(n))
+            log_s = log_s / n if geometric else log_s
+            keep = abs(log_s) <= math.log(C)
+            kept += keep
+            assert torch.equal(w[i], mask[i] * float(keep))
+        assert stats["rollout_is/masked_frac"] == pytest.approx(1 - kept / 6)
+    assert A.rollout_correction(old, sampler, mask, "none", C, geometric=True) == (None, {})
+
+
+def test_rollout_correction_weights_only_the_policy_term():
+    """The correction multiplies each token's policy loss, not the KL term: a zero weight on every token leaves
+    β·KL alone; a weight of one changes nothing."""
+    logp, old, ref, adv, mask = ragged(4, 7, 0)
+    for name in ("gspo", "grpo", "dapo"):
+        loss_fn = A.get(name).loss
+        plain, _ = loss_fn(logp, old, adv, mask, ref_logp=ref, beta=0.1)
+        ones, _ = loss_fn(logp, old, adv, mask, ref_logp=ref, beta=0.1, is_weight=torch.ones_like(mask))
+        zeros, _ = loss_fn(logp, old, adv, mask, ref_logp=ref, beta=0.1, is_weight=torch.zeros_like(mask))
+        kl_only, _ = loss_fn(logp, logp, torch.zeros_like(adv), mask, ref_logp=ref, beta=0.1)
+        assert torch.equal(plain, ones)
+        assert zeros.item() == pytest.approx(kl_only.item(), rel=1e-12)
+        assert zeros.item() != pytest.approx(plain.item(), rel=1e-3)

