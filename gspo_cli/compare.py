@@ -12,6 +12,7 @@ Column definitions: docs/results.md.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from .config import ConfigError
+from .config import Config, ConfigError
 
 PLOTS = {"reward/mean": "linear", "eval/accuracy": "linear", "clip/frac": "log", "kl/ref": "linear",
          "entropy": "linear", "grad/norm": "linear"}
@@ -91,8 +92,10 @@ def load_runs(dirs: list[str]) -> list[Run]:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"metrics file {str(metrics)!r} is unreadable ({e}): expected one JSON object "
                                   "per line as gspo train writes it") from None
-            runs.append(Run(run_dir, cfg.algo.name, int(cfg.seed), int(cfg.trainer.steps), rows,
-                            _flat(OmegaConf.to_container(cfg))))
+            # A key that a run's config lacks (written before the key existed) has the schema's default value, so
+            # adding an option does not split old runs from new ones.
+            flat = {**_flat(dataclasses.asdict(Config())), **_flat(OmegaConf.to_container(cfg))}
+            runs.append(Run(run_dir, cfg.algo.name, int(cfg.seed), int(cfg.trainer.steps), rows, flat))
     if not runs:
         raise ConfigError(f"compare dirs {dirs!r} hold no run: expected dirs with metrics.jsonl and .hydra/config.yaml")
     label_groups(runs)

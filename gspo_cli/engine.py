@@ -26,6 +26,9 @@ class VllmEngine:
     def __init__(self, cfg: Config, policy, device: torch.device, seed: int):
         # In-process engine: no spawned worker (no __main__ guard needed), tensors passed by reference on sync.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # vLLM logs every engine step at INFO, and a chat-template warm-up traceback (no tokenizer: we pass ids)
+        # at WARNING; errors still show. VLLM_LOGGING_LEVEL=INFO brings them back.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         threads = torch.get_num_threads()
         try:
             from vllm import LLM

@@ -100,12 +100,12 @@ def test_submitit_local_launcher_runs_a_one_job_sweep(tmp_path):
     assert list((tmp_path / "sub" / ".submitit").rglob("*_result.pkl")), "ran through submitit's executor"
 
 
-def fake_run(root, name, algo, seed, improvement, task="arithmetic", steps=10):
+def fake_run(root, name, algo, seed, improvement, task="arithmetic", steps=10, extra=""):
     """A finished run dir as `gspo train` leaves it (config + metrics), with a chosen reward trend."""
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "config.yaml").write_text(
-        f"algo: {{name: {algo}}}\nseed: {seed}\ntask: {{name: {task}}}\ntrainer: {{steps: {steps}}}\n")
+        f"algo: {{name: {algo}}}\nseed: {seed}\ntask: {{name: {task}}}\ntrainer: {{steps: {steps}}}\n{extra}")
     rng = np.random.default_rng(seed)
     rows = [{"step": 0, "eval/accuracy": 0.3}] + [
         {"step": t, "reward/mean": 0.2 + improvement * t / steps + 0.001 * rng.standard_normal(), "clip/frac": 0.01,
@@ -134,6 +134,19 @@ def test_compare_groups_by_what_differs_counts_a_run_once_and_marks_significance
                                                   "task.name=zebra by 0.18")
     assert lines["reward improvement"].endswith(": significant at 0.05)")
     assert lines["clip frac (low / high)"].endswith("no spread over seeds: not significant at 0.05")
+
+
+def test_a_key_missing_from_older_runs_counts_as_its_default(tmp_path):
+    """Runs written before an option existed group with new runs at its default, and apart from other values."""
+    from gspo_cli import compare
+
+    root = tmp_path / "runs"
+    fake_run(root, "old", "gspo", 0, 0.5)                                             # no rollout.engine key
+    fake_run(root, "new", "gspo", 1, 0.5, extra="rollout: {engine: hf}\n")
+    fake_run(root, "eng", "gspo", 0, 0.5, extra="rollout: {engine: vllm}\n")
+    groups = {r.path.name: r.group for r in compare.load_runs([str(root)])}
+    assert groups == {"old": "gspo, rollout.engine=hf", "new": "gspo, rollout.engine=hf",
+                      "eng": "gspo, rollout.engine=vllm"}
 
 
 def test_compare_help_prints_usage(tmp_path):
