@@ -74,6 +74,9 @@ def label_groups(runs: list[Run]) -> None:
 
 def load_runs(dirs: list[str]) -> list[Run]:
     runs, seen = [], set()
+    # A key that a run's config lacks (written before the key existed) has the schema's default value, so adding
+    # an option does not split old runs from new ones.
+    defaults = _flat(dataclasses.asdict(Config()))
     for d in dirs:
         root = Path(d)
         if not root.is_dir():
@@ -92,9 +95,7 @@ def load_runs(dirs: list[str]) -> list[Run]:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"metrics file {str(metrics)!r} is unreadable ({e}): expected one JSON object "
                                   "per line as gspo train writes it") from None
-            # A key that a run's config lacks (written before the key existed) has the schema's default value, so
-            # adding an option does not split old runs from new ones.
-            flat = {**_flat(dataclasses.asdict(Config())), **_flat(OmegaConf.to_container(cfg))}
+            flat = {**defaults, **_flat(OmegaConf.to_container(cfg))}
             runs.append(Run(run_dir, cfg.algo.name, int(cfg.seed), int(cfg.trainer.steps), rows, flat))
     if not runs:
         raise ConfigError(f"compare dirs {dirs!r} hold no run: expected dirs with metrics.jsonl and .hydra/config.yaml")

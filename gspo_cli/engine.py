@@ -39,10 +39,10 @@ class VllmEngine:
         self.sleep = v.enable_sleep_mode and device.type == "cuda"
         self.asleep = False
         base = policy.get_base_model() if models.is_lora(policy) else policy
-        self.dir = tempfile.mkdtemp(prefix="gspo-vllm-")
-        base.config.save_pretrained(self.dir)                    # the architecture only; weights come by sync
+        arch_dir = tempfile.mkdtemp(prefix="gspo-vllm-")
+        base.config.save_pretrained(arch_dir)                    # the architecture only; weights come by sync
         dtype = v.dtype if v.dtype != "auto" else ("bfloat16" if cfg.trainer.precision == "bf16" else "float32")
-        kw = dict(model=self.dir, dtype=dtype, seed=seed, load_format="dummy", skip_tokenizer_init=True,
+        kw = dict(model=arch_dir, dtype=dtype, seed=seed, load_format="dummy", skip_tokenizer_init=True,
                   logprobs_mode="processed_logprobs", enforce_eager=device.type != "cuda",
                   max_model_len=min(base.config.max_position_embeddings, r.max_new_tokens + v.max_prompt_tokens))
         if device.type == "cuda":

@@ -141,8 +141,9 @@ def minibatch_order(B: int, p: Parts) -> list[Tensor]:
 @torch.no_grad()
 def old_logps(p: Parts, batch: Batch, first_epoch: list[Tensor]) -> Tensor:
     """π_old (B, T): the sampler's log-probs when the trainer computes as the sampler did (our decode loop, fp32
-    weights, no autocast); otherwise (a rollout engine, bf16) a teacher-forced pass in the update's minibatch shapes and numerics, so that the first
-    minibatch's ratio is 1 (bf16 kernels give different numbers for different shapes)."""
+    weights, no autocast); otherwise (a rollout engine, bf16) a teacher-forced pass in the update's minibatch
+    shapes and numerics, so that the first minibatch's ratio is 1 (bf16 kernels give different numbers for
+    different shapes)."""
     mode, roll = p.cfg.rollout.old_logp, batch.roll
     same_numerics = p.engine is None and p.precision == "fp32" and p.cfg.model.dtype == "float32"
     if mode == "sampler" or (mode == "auto" and same_numerics):
