@@ -92,8 +92,9 @@ def gather_objects(obj, r: Ranks) -> list:
     return out
 
 
-MIN_KEYS, MAX_KEYS, SUM_KEYS = {"ratio/min"}, {"ratio/max", "time/rollout", "time/update", "time/step"}, \
-    {"reward/verifier_errors", "tokens_per_s"}
+MIN_KEYS, MAX_KEYS = {"ratio/min"}, {"ratio/max", "time/rollout", "time/update", "time/step", "time/generate",
+                                     "time/weight_sync"}
+SUM_KEYS = {"reward/verifier_errors", "tokens_per_s"}
 
 
 def reduce_metrics(m: dict, r: Ranks, device) -> dict:

@@ -53,8 +53,12 @@ class VllmEngine:
             ignored = [k for k in GPU_ONLY if getattr(v, k) != getattr(type(v)(), k)]
             if ignored:
                 print(f"rollout.vllm: {', '.join(ignored)} ignored on {device.type} (GPU-only engine settings)")
+        set_threads = torch.set_num_threads
         self.llm = LLM(**kw)
-        torch.set_num_threads(threads)  # an in-process engine sets torch's thread count for the whole process
+        # vLLM's CPU worker binds torch's thread count for the whole process and then replaces
+        # torch.set_num_threads with a no-op; the trainer owns the threads, so both are put back.
+        torch.set_num_threads = set_threads
+        torch.set_num_threads(threads)
         self.sync(policy)
 
     def _wake(self) -> None:

@@ -63,6 +63,7 @@ class Batch:
     completions: list          # B decoded responses
     scores: list               # B verifier results: {'reward', 'correct', 'format', 'error'}
     rewards: Tensor            # (B,)
+    generate_s: float = 0.0    # seconds in the sampler itself (the engine's or our decode loop), for time/generate
 
 
 def build(cfg: Config, ranks: Ranks) -> Parts:
@@ -112,6 +113,7 @@ def sample_and_score(p: Parts, entries: list, G: int, greedy: bool = False) -> B
     p_ids, p_mask = tasks.encode(p.tok, p.task, entries, p.device)                       # (n, P)
     p.policy.eval()
     r = p.cfg.rollout
+    t0 = time.perf_counter()
     if p.engine is not None:  # the engine's seed is drawn from the run's generator, so a resume replays it
         seed = int(torch.randint(2**31 - 1, (1,), generator=p.sample_gen, device=p.sample_gen.device))
         roll = p.engine.generate(p_ids, p_mask, G, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
@@ -123,10 +125,11 @@ def sample_and_score(p: Parts, entries: list, G: int, greedy: bool = False) -> B
                                     max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                     greedy=greedy, eos_id=p.tok.eos_token_id, pad_id=p.tok.pad_token_id,
                                     generator=p.sample_gen)
+    generate_s = time.perf_counter() - t0
     completions = tasks.decode(p.tok, roll.ids, roll.mask)
     scores = [p.task.score(e, c) for e, c in zip([e for e in entries for _ in range(G)], completions)]
     rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32, device=p.device)   # (B,)
-    return Batch(entries, roll, completions, scores, rewards)
+    return Batch(entries, roll, completions, scores, rewards, generate_s)
 
 
 def minibatch_order(B: int, p: Parts) -> list[Tensor]:
@@ -143,14 +146,20 @@ def old_logps(p: Parts, batch: Batch, first_epoch: list[Tensor]) -> Tensor:
     """π_old (B, T): the sampler's log-probs when the trainer computes as the sampler did (our decode loop, fp32
     weights, no autocast); otherwise (a rollout engine, bf16) a teacher-forced pass in the update's minibatch
     shapes and numerics, so that the first minibatch's ratio is 1 (bf16 kernels give different numbers for
-    different shapes)."""
-    mode, roll = p.cfg.rollout.old_logp, batch.roll
-    same_numerics = p.engine is None and p.precision == "fp32" and p.cfg.model.dtype == "float32"
+    different shapes). That pass skips the first minibatch when nothing reads π_old before the update (group
+    advantages, no rollout correction): its rows are NaN here and `update` fills them from its own first forward,
+    taken before any step, so they are the same numbers without a second pass (on-policy: no pass at all)."""
+    mode, roll, cfg = p.cfg.rollout.old_logp, batch.roll, p.cfg
+    same_numerics = p.engine is None and p.precision == "fp32" and cfg.model.dtype == "float32"
     if mode == "sampler" or (mode == "auto" and same_numerics):
         return roll.logp
+    defer = algorithms.get(cfg.algo.name).advantage == "group" and cfg.rollout.is_correction == "none"
     with p.autocast():
-        return rollout.per_minibatch(lambda *a: p.forward(*a, p.cfg.rollout.temperature,
-                                                          chunk=p.cfg.trainer.lm_head_chunk), roll, first_epoch)
+        out = rollout.per_minibatch(lambda *a: p.forward(*a, cfg.rollout.temperature, chunk=cfg.trainer.lm_head_chunk),
+                                    roll, first_epoch[1:] if defer else first_epoch)              # (B, T)
+    if defer:
+        out[first_epoch[0]] = float("nan")                                                        # update fills these
+    return out
 
 
 @torch.no_grad()
@@ -210,6 +219,7 @@ def update(p: Parts, batch: Batch, order: list[Tensor], adv: Tensor, old_logp: T
     global mean for the per-sequence aggregations (equal sequences per rank) and, after the rescale below, for
     token_mean. rollout/logp_diff: mean |sampler − trainer| log-prob of the first minibatch before its step.
     is_weight (B, T): the rollout correction's per-token weights (`algorithms.rollout_correction`), or None.
+    π_old rows of the first minibatch that `old_logps` left NaN are filled, in place, from its forward before its step.
     """
     cfg, roll, loss_fn, knobs = p.cfg, batch.roll, algorithms.get(p.cfg.algo.name).loss, loss_knobs(p.cfg)
     acc, norms, nonfinite, logp_diff = {}, [], 0, None
@@ -227,6 +237,9 @@ def update(p: Parts, batch: Batch, order: list[Tensor], adv: Tensor, old_logp: T
             critic_kw = dict(values=values, old_values=cut(value_targets[0]), returns=cut(value_targets[1]))
         if logp_diff is None:
             logp_diff = algorithms.token_mean((logp.detach() - cut(roll.logp)).abs(), mask).item()
+            if torch.isnan(old_logp[idx]).any():  # π_old deferred to this forward (`old_logps`)
+                old_logp[idx] = 0.0
+                old_logp[idx, :logp.shape[1]] = logp.detach()                        # (b, t) of (b, T)
         loss, stats = loss_fn(logp, cut(old_logp), adv[idx] if adv.dim() == 1 else cut(adv), mask,
                               ref_logp=cut(ref_logp), is_weight=cut(is_weight), **critic_kw, **knobs)
         scale = 1.0
@@ -301,6 +314,7 @@ def train(cfg: Config, run_dir: Path, config_dict: dict, resume_state: dict | No
                 stats = update(p, batch, order, adv, old_logp, ref_logp if cfg.algo.beta > 0 else None, value_targets,
                                is_weight)
                 stats.update(is_metrics)
+                stats["time/generate"] = batch.generate_s
                 if p.engine is not None:
                     stats["time/weight_sync"] = sync_engine(p)
                 metrics = step_row(p, batch, old_logp, ref_logp, {**stats, **adv_metrics}, t0, t1,

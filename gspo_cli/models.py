@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -53,6 +55,32 @@ def smollm2_gguf() -> tuple[str, str]:
     return d, files[0]
 
 
+def _gguf_tokenizer_dir() -> str:
+    """SmolLM2's tokenizer as a saved tokenizer folder in the user's cache, converted from the GGUF once: the
+    conversion takes ~5 s, loading the folder ~0.2 s, and every `gspo` process needs it. Keyed by the GGUF file
+    (path, size, mtime) and the transformers version that converted it; written to a temporary folder, then renamed,
+    so concurrent processes (DDP ranks, sweep jobs) never read a half-written one."""
+    import hashlib
+
+    import transformers
+    from transformers import AutoTokenizer
+
+    d, f = smollm2_gguf()
+    st = os.stat(os.path.join(d, f))
+    key = hashlib.sha256(f"{d}/{f}:{st.st_size}:{st.st_mtime_ns}:{transformers.__version__}".encode()).hexdigest()
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gspo-cli"
+    out = root / f"smollm2-tokenizer-{key[:16]}"
+    if not (out / "tokenizer_config.json").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tokenizer-"))
+        AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained(tmp)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process got there first: its folder is the same tokenizer
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -64,8 +92,7 @@ def load_tokenizer(cfg: ModelConfig):
     elif cfg.source == "hub":
         tok = AutoTokenizer.from_pretrained(_hub_location(cfg), local_files_only=_offline(cfg))
     else:  # gguf and tiny share SmolLM2's tokenizer
-        d, f = smollm2_gguf()
-        tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+        tok = AutoTokenizer.from_pretrained(_gguf_tokenizer_dir())
     tok.padding_side = "left"  # generation pads on the left; responses are masked by length, never by token id
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

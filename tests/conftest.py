@@ -49,7 +49,7 @@ def gspo(*args, cwd, timeout=600):
     return subprocess.run([GSPO, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-TIMING = {"time/rollout", "time/update", "time/step", "time/weight_sync", "tokens_per_s"}   # wall-clock keys: never compared
+TIMING = {"time/rollout", "time/update", "time/step", "time/generate", "time/weight_sync", "tokens_per_s"}   # wall-clock keys: never compared
 
 
 def read_metrics(run: Path, timing: bool = False) -> list[dict]:

@@ -75,6 +75,15 @@ def test_sync_moves_the_engine_to_the_new_weights(parts):
 
 
 @needs_vllm
+def test_the_trainer_keeps_its_threads_after_the_engine_starts(parts):
+    """vLLM's CPU worker turns torch.set_num_threads into a no-op for the whole process; the engine puts it back."""
+    assert torch.get_num_threads() == 2                                              # trainer.threads=2
+    torch.set_num_threads(1)
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(2)
+
+
+@needs_vllm
 @pytest.mark.slow
 def test_engine_rollout_has_the_loop_shape_and_first_ratios_are_one(parts):
     """The engine's Rollout is what the loop expects (EOS inside the mask, finished flags, prompt-major groups);
@@ -92,11 +101,12 @@ def test_engine_rollout_has_the_loop_shape_and_first_ratios_are_one(parts):
     order = loop.minibatch_order(len(batch.rewards), p)
     old_logp = loop.old_logps(p, batch, order[:p.cfg.trainer.minibatches])
     assert old_logp is not roll.logp                                                 # recomputed, not the sampler's
-    idx = order[0]
-    with torch.no_grad():
-        logp = p.forward(roll.prompt_ids[idx], roll.prompt_mask[idx], roll.ids[idx], roll.mask[idx], 1.0)
-    ratio = algorithms.sequence_log_ratio(logp, old_logp[idx], roll.mask[idx]).exp()
-    assert (ratio - 1).abs().max().item() <= 1e-5
+    assert torch.isnan(old_logp[order[0]]).all()                                     # left to the update's forward
+    assert not torch.isnan(old_logp[order[1]]).any()
+    stats = loop.update(p, batch, order[:1], torch.randn(8, generator=torch.Generator().manual_seed(0)), old_logp)
+    assert abs(stats["ratio/min"] - 1) <= 1e-5 and abs(stats["ratio/max"] - 1) <= 1e-5, stats
+    assert not torch.isnan(old_logp).any()                                           # filled in place
+    assert gap(old_logp, roll.logp, roll.mask) <= 1e-4                               # and it is π_old: the sampler's
 
 
 @needs_vllm

@@ -92,3 +92,30 @@ def test_embedded_smollm2_loads_and_matches_its_sampling_logps():
     with torch.no_grad():
         fresh = rollout.token_logps(model, p_ids, p_mask, r.ids, r.mask)
     assert (fresh - r.logp).abs().max() < 1e-4
+
+
+def test_smollm2_tokenizer_is_converted_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    """The GGUF's tokenizer is converted once into the user's cache (XDG_CACHE_HOME) and read from there after: the
+    same ids, text, chat template and special tokens as a fresh conversion."""
+    from transformers import AutoTokenizer
+
+    from gspo_cli import models
+    from gspo_cli.config import ModelConfig
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cfg = ModelConfig(name="tiny", source="tiny")
+    models.load_tokenizer(cfg)                                               # converts, writes the cache
+    (cached,) = (tmp_path / "gspo-cli").iterdir()                            # one folder, no temporary left
+    assert cached.name.startswith("smollm2-tokenizer-")
+    stamps = cached.stat().st_mtime_ns, cached.parent.stat().st_mtime_ns     # a conversion adds and drops a folder
+    tok = models.load_tokenizer(cfg)                                         # reads it, converts nothing
+    assert (cached.stat().st_mtime_ns, cached.parent.stat().st_mtime_ns) == stamps
+    d, f = models.smollm2_gguf()
+    ref = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    msgs = [{"role": "user", "content": "What is 7 + 5? Answer in <answer></answer> tags.  ünïcödé\n\ttabs"}]
+    text = ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == text
+    assert tok(text).input_ids == ref(text).input_ids and tok.get_vocab() == ref.get_vocab()
+    assert (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id) == (2, 1, 2)
+    ids = list(range(0, len(ref), 97))
+    assert tok.decode(ids) == ref.decode(ids)

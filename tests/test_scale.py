@@ -92,7 +92,13 @@ def test_bf16_first_minibatch_ratio_is_one_when_pi_old_is_recomputed():
     stats = {}
     for mode in ("sampler", "auto"):  # each: π_old, then the first minibatch's update (one step) alone
         cfg.rollout.old_logp = mode
-        stats[mode] = loop.update(p, batch, order[:1], adv, loop.old_logps(p, batch, order[:4]))
+        cfg.rollout.is_correction = "token_truncate"          # read before the update: a full π_old pass
+        full = loop.old_logps(p, batch, order[:4])
+        cfg.rollout.is_correction = "none"                    # the first minibatch's π_old is its own forward
+        old_logp = loop.old_logps(p, batch, order[:4])
+        stats[mode] = loop.update(p, batch, order[:1], adv, old_logp)
+        m = batch.roll.mask
+        assert torch.equal(old_logp * m, full * m), "the update's own first forward is the π_old pass, bit for bit"
     auto, sampler = stats["auto"], stats["sampler"]
     assert abs(auto["ratio/min"] - 1) < 1e-4 and abs(auto["ratio/max"] - 1) < 1e-4, auto
     assert auto["clip/frac"] == 0
