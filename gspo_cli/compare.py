@@ -283,6 +283,6 @@ def main(args: list[str]) -> None:
     console.print(t)
     for line in tests:
         print(line)
-    for r in incomplete:
-        console.print(f"incomplete, left out: {r.path} ({r.group}, seed {r.seed})", highlight=False)
-    console.print(f"wrote {out / 'compare.md'}, {out / 'compare.csv'} and {len(pngs)} plots in {out}", highlight=False)
+    for r in incomplete:  # plain print: a path wrapped at the terminal's width cannot be pasted or grepped
+        print(f"incomplete, left out: {r.path} ({r.group}, seed {r.seed})")
+    print(f"wrote {out / 'compare.md'}, {out / 'compare.csv'} and {len(pngs)} plots in {out}")
