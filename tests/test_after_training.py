@@ -13,9 +13,6 @@ from conftest import LEARNS, ROOT, TINY, gspo
 from gspo_cli import evaluation, models, rollout, tasks
 from gspo_cli.config import TaskConfig
 
-# one xdist worker runs this whole file: its module fixture is built once
-pytestmark = pytest.mark.xdist_group("after_training")
-
 DATA = ROOT / "tests" / "data" / "gsm_small.jsonl"
 QUIET = [*TINY, "logger.wandb.mode=disabled"]
 

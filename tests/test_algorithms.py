@@ -9,9 +9,6 @@ import torch
 
 from gspo_cli import algorithms as A
 
-# one xdist worker runs this whole file: its module fixture is built once
-pytestmark = pytest.mark.xdist_group("algorithms")
-
 
 @pytest.fixture(autouse=True, scope="module")
 def float64_here_only():

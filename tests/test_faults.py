@@ -15,9 +15,6 @@ import torch
 from conftest import ENV, GSPO, LEARNS, TINY, gspo, read_metrics
 from gspo_cli import checkpoint
 
-# one xdist worker runs this whole file: its module fixture is built once
-pytestmark = pytest.mark.xdist_group("faults")
-
 QUIET = [*TINY, "logger.wandb.mode=disabled"]
 
 
