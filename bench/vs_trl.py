@@ -118,11 +118,11 @@ def trl_side(a, algo, mb, out: Path) -> None:
     per = [b - a_ for a_, b in zip(bounds, bounds[1:])]                  # (steps,) seconds per rollout
     roll = [sum(d for t, d in calls if a_ <= t < b) for a_, b in zip(bounds, bounds[1:])]
     upd = [p_ - r_ for p_, r_ in zip(per, roll)]
+    generate_s = statistics.median(roll[1:] or roll)                     # TRL's rollout is its generate calls
     rewards = [x["reward"] for x in logs_seen if "reward" in x]
     clips = [x.get("clip_ratio/region_mean", 0.0) for x in logs_seen if "loss" in x]
     (out / "trl.json").write_text(json.dumps({
-        "s_step": statistics.median(per[1:] or per), "generate_s": statistics.median(roll[1:] or roll),
-        "rollout_s": statistics.median(roll[1:] or roll),
+        "s_step": statistics.median(per[1:] or per), "generate_s": generate_s, "rollout_s": generate_s,
         "update_s": statistics.median(upd[1:] or upd),
         "gen_tok_s": gen["tokens"] / max(gen["s"], 1e-9),
         "train_tok_s": gen["tokens"] / max(sum(upd), 1e-9),
