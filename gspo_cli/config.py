@@ -112,6 +112,8 @@ class VllmConfig:
     gpu_memory_utilization: float = 0.3   # GPU: the engine's share of device memory (weights + KV cache)
     tensor_parallel_size: int = 1      # GPU
     enable_sleep_mode: bool = False    # GPU: free the KV cache and offload weights during the update
+    enforce_eager: Optional[bool] = None  # null: eager on CPU (starts in ~7 s), compiled on GPU (CUDA graphs);
+                                       # false on CPU: torch.compile, ~1.3x faster decode, +20-60 s at start
 
 
 @dataclass

@@ -10,7 +10,6 @@ engine's kernels are not the trainer's.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 
 import torch
@@ -39,11 +38,17 @@ class VllmEngine:
         self.sleep = v.enable_sleep_mode and device.type == "cuda"
         self.asleep = False
         base = policy.get_base_model() if models.is_lora(policy) else policy
-        arch_dir = tempfile.mkdtemp(prefix="gspo-vllm-")
-        base.config.save_pretrained(arch_dir)                    # the architecture only; weights come by sync
+        # The architecture only (weights come by sync), in a folder named by the config, so that a compiled
+        # engine's cache (keyed by the model's path) is found again by the next run.
+        arch_dir = models.cached_dir("vllm-arch", base.config.to_json_string(), base.config.save_pretrained)
         dtype = v.dtype if v.dtype != "auto" else ("bfloat16" if cfg.trainer.precision == "bf16" else "float32")
+        eager = v.enforce_eager if v.enforce_eager is not None else device.type != "cuda"
+        if device.type != "cuda" and not eager:
+            # vLLM's saved ahead-of-time artifact does not load back on CPU ('function' object has no attribute
+            # 'finalize_loading') and the model is compiled again; inductor's own cache is found.
+            os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         kw = dict(model=arch_dir, dtype=dtype, seed=seed, load_format="dummy", skip_tokenizer_init=True,
-                  logprobs_mode="processed_logprobs", enforce_eager=device.type != "cuda",
+                  logprobs_mode="processed_logprobs", enforce_eager=eager,
                   max_model_len=min(base.config.max_position_embeddings, r.max_new_tokens + v.max_prompt_tokens))
         if device.type == "cuda":
             kw.update(gpu_memory_utilization=v.gpu_memory_utilization, tensor_parallel_size=v.tensor_parallel_size,

@@ -55,30 +55,39 @@ def smollm2_gguf() -> tuple[str, str]:
     return d, files[0]
 
 
+def cached_dir(name: str, key: str, write) -> str:
+    """A folder in the user's cache, `$XDG_CACHE_HOME/gspo-cli/<name>-<hash of key>`, made once by `write(folder)`:
+    written to a temporary folder, then renamed, so concurrent processes (DDP ranks, sweep jobs) never read a
+    half-written one; a `write` that raises leaves nothing behind."""
+    import hashlib
+
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gspo-cli"
+    out = root / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    if not out.exists():  # only a finished folder is ever renamed to `out`
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
+        try:
+            write(tmp)
+            os.rename(tmp, out)
+        except OSError:  # another process got there first: its folder holds the same thing
+            if not out.exists():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
 def _gguf_tokenizer_dir() -> str:
     """SmolLM2's tokenizer as a saved tokenizer folder in the user's cache, converted from the GGUF once: the
     conversion takes ~5 s, loading the folder ~0.2 s, and every `gspo` process needs it. Keyed by the GGUF file
-    (path, size, mtime) and the transformers version that converted it; written to a temporary folder, then renamed,
-    so concurrent processes (DDP ranks, sweep jobs) never read a half-written one."""
-    import hashlib
-
+    (path, size, mtime) and the transformers version that converted it."""
     import transformers
     from transformers import AutoTokenizer
 
     d, f = smollm2_gguf()
     st = os.stat(os.path.join(d, f))
-    key = hashlib.sha256(f"{d}/{f}:{st.st_size}:{st.st_mtime_ns}:{transformers.__version__}".encode()).hexdigest()
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gspo-cli"
-    out = root / f"smollm2-tokenizer-{key[:16]}"
-    if not (out / "tokenizer_config.json").exists():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tokenizer-"))
-        AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained(tmp)
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another process got there first: its folder is the same tokenizer
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(out)
+    return cached_dir("smollm2-tokenizer", f"{d}/{f}:{st.st_size}:{st.st_mtime_ns}:{transformers.__version__}",
+                      lambda tmp: AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained(tmp))
 
 
 def load_tokenizer(cfg: ModelConfig):

@@ -145,3 +145,26 @@ def test_train_with_the_engine_logs_sync_time_and_a_small_gap(tmp_path):
     for m in rows:
         assert m["time/weight_sync"] > 0 and m["rollout/logp_diff"] <= 1e-4
         assert 0 <= m["rollout_is/truncated_frac"] <= 1 and m["rollout_is/mean_weight"] == pytest.approx(1, abs=1e-3)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_a_compiled_cpu_engine_samples_the_synced_policy(compose, tmp_path, monkeypatch):
+    """rollout.vllm.enforce_eager=false on CPU: vLLM compiles the model (torch.compile); after a sync its log-probs
+    still match the trainer's (≤ 1e-4). Its architecture folder is in the user's cache, named by the config, so a
+    later run finds the compiled model again; no temporary folder is left."""
+    from gspo_cli import config, loop
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cfg = config.to_config(compose(*TINY, *SMALL, *ENGINE, "rollout.vllm.enforce_eager=false", "algo.group_size=4",
+                                   "rollout.max_new_tokens=12"))
+    p = loop.build(cfg, loop.Ranks())
+    assert not p.engine.llm.llm_engine.vllm_config.model_config.enforce_eager
+    with torch.no_grad():
+        for w in p.policy.parameters():
+            w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(2)) * 0.05)
+    loop.sync_engine(p)
+    roll = loop.sample_and_score(p, p.task.next_batch(0, 2)[0], 4).roll
+    assert gap(roll.logp, trainer_logps(p, roll), roll.mask) <= 1e-4
+    arch = sorted(d.name for d in (tmp_path / "gspo-cli").iterdir() if d.name.startswith("vllm-arch-"))
+    assert len(arch) == 1 and not [d for d in (tmp_path / "gspo-cli").iterdir() if d.name.startswith(".")]

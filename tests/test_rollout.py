@@ -2,6 +2,8 @@
 
     pytest tests/test_rollout.py -q
 """
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -92,6 +94,27 @@ def test_embedded_smollm2_loads_and_matches_its_sampling_logps():
     with torch.no_grad():
         fresh = rollout.token_logps(model, p_ids, p_mask, r.ids, r.mask)
     assert (fresh - r.logp).abs().max() < 1e-4
+
+
+def test_a_cache_folder_whose_writer_fails_leaves_nothing_behind(tmp_path, monkeypatch):
+    """models.cached_dir: a writer that raises leaves no folder (finished or temporary) in the cache, so the next
+    call writes it again; a finished folder is never rewritten."""
+    from gspo_cli import models
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+    def broken(d):
+        (d / "half").write_text("x")
+        raise RuntimeError("conversion failed")
+
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        models.cached_dir("thing", "key", broken)
+    assert list((tmp_path / "gspo-cli").iterdir()) == []
+    calls = []
+    out = models.cached_dir("thing", "key", lambda d: calls.append((d / "done").write_text("ok")))
+    assert models.cached_dir("thing", "key", lambda d: calls.append(1)) == out and len(calls) == 1
+    assert [p.name for p in (tmp_path / "gspo-cli").iterdir()] == [Path(out).name]
+    assert (Path(out) / "done").read_text() == "ok"
 
 
 def test_smollm2_tokenizer_is_converted_once_then_read_from_the_cache(tmp_path, monkeypatch):
