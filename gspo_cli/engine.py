@@ -66,6 +66,11 @@ class VllmEngine:
         torch.set_num_threads(threads)
         self.sync(policy)
 
+    def close(self) -> None:
+        """Shut the engine down while the process groups it joined still exist (under DDP, the trainer's world):
+        vLLM otherwise tears down its groups at exit, after the trainer has destroyed theirs, and fails there."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def _wake(self) -> None:
         if self.asleep:
             self.llm.wake_up()

@@ -287,7 +287,7 @@ def evaluate(p: Parts, details: dict | None = None) -> dict:
 
 def train(cfg: Config, run_dir: Path, config_dict: dict, resume_state: dict | None = None) -> list[dict]:
     """Run (or continue) one training run in `run_dir`; returns the logged metric rows (rank 0; [] elsewhere)."""
-    ranks, log = distributed.setup(), NullLogger()
+    ranks, log, p = distributed.setup(), NullLogger(), None
     trainer, G = cfg.trainer, cfg.algo.group_size
     try:
         with stopping.caught_signals() as caught:
@@ -336,4 +336,6 @@ def train(cfg: Config, run_dir: Path, config_dict: dict, resume_state: dict | No
         return log.history
     finally:
         log.close()
+        if p is not None and p.engine is not None:
+            p.engine.close()
         distributed.teardown(ranks)

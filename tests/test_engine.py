@@ -168,3 +168,17 @@ def test_a_compiled_cpu_engine_samples_the_synced_policy(compose, tmp_path, monk
     assert gap(roll.logp, trainer_logps(p, roll), roll.mask) <= 1e-4
     arch = sorted(d.name for d in (tmp_path / "gspo-cli").iterdir() if d.name.startswith("vllm-arch-"))
     assert len(arch) == 1 and not [d for d in (tmp_path / "gspo-cli").iterdir() if d.name.startswith(".")]
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_two_ranks_each_with_an_engine_train_and_exit_cleanly(tmp_path):
+    """trainer.devices=2 with the engine: one engine per rank inside the trainer's process group; both steps log a
+    sync and a small gap, and the run exits without a traceback (the engines shut down before the group does)."""
+    r = gspo("train", *TINY, *SMALL, *ENGINE, "trainer.threads=1", "trainer.devices=2", "trainer.prompts_per_step=4",
+             "trainer.steps=2", "hydra.run.dir=run", cwd=tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    rows = [m for m in read_metrics(tmp_path / "run", timing=True) if "reward/mean" in m]
+    assert len(rows) == 2
+    for m in rows:
+        assert m["time/weight_sync"] > 0 and m["rollout/logp_diff"] <= 1e-4
