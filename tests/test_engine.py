@@ -182,3 +182,26 @@ def test_two_ranks_each_with_an_engine_train_and_exit_cleanly(tmp_path):
     assert len(rows) == 2
     for m in rows:
         assert m["time/weight_sync"] > 0 and m["rollout/logp_diff"] <= 1e-4
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_a_resumed_run_with_the_engine_continues_as_the_uninterrupted_one(tmp_path):
+    """3 steps, then a resume to 5, against 5 straight steps, both with the engine: the resume rebuilds the engine,
+    syncs it from the restored weights and draws the same sampling seeds, so the rows and final state are the same.
+    The weights move before the resume point (step 3 has a gradient here), or a stale engine would pass too."""
+    from conftest import LEARNS, RESUME_RTOL, assert_same_final_state
+
+    straight, part = tmp_path / "straight", tmp_path / "part"
+    common = [*TINY, *SMALL, *ENGINE, *LEARNS, "trainer.eval_every=0"]
+    r = gspo("train", *common, "trainer.steps=5", f"hydra.run.dir={straight}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert gspo("train", *common, "trainer.steps=3", f"hydra.run.dir={part}", cwd=tmp_path).returncode == 0
+    r = gspo("train", f"resume={part}", "trainer.steps=5", LEARNS[0], cwd=tmp_path)
+    assert r.returncode == 0 and "resumed from step 3" in r.stderr, r.stderr[-3000:]
+    got, want = read_metrics(part), read_metrics(straight)
+    assert any(m["grad/norm"] > 0 for m in want[:3]), "the weights never moved before the resume point"
+    assert [m["step"] for m in got] == [m["step"] for m in want] == [1, 2, 3, 4, 5]
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=RESUME_RTOL, abs=1e-9) for k in a), (a, b)
+    assert_same_final_state(straight, part, RESUME_RTOL)
