@@ -190,7 +190,7 @@ def test_a_resumed_run_with_the_engine_continues_as_the_uninterrupted_one(tmp_pa
     """3 steps, then a resume to 5, against 5 straight steps, both with the engine: the resume rebuilds the engine,
     syncs it from the restored weights and draws the same sampling seeds, so the rows and final state are the same.
     The weights move before the resume point (step 3 has a gradient here), or a stale engine would pass too."""
-    from conftest import LEARNS, RESUME_RTOL, assert_same_final_state
+    from conftest import LEARNS, RESUME_RTOL, assert_same_final_state, same_rows
 
     straight, part = tmp_path / "straight", tmp_path / "part"
     common = [*TINY, *SMALL, *ENGINE, *LEARNS, "trainer.eval_every=0"]
@@ -202,6 +202,5 @@ def test_a_resumed_run_with_the_engine_continues_as_the_uninterrupted_one(tmp_pa
     got, want = read_metrics(part), read_metrics(straight)
     assert any(m["grad/norm"] > 0 for m in want[:3]), "the weights never moved before the resume point"
     assert [m["step"] for m in got] == [m["step"] for m in want] == [1, 2, 3, 4, 5]
-    for a, b in zip(got, want):
-        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=RESUME_RTOL, abs=1e-9) for k in a), (a, b)
+    assert same_rows(got, want, RESUME_RTOL), (got, want)
     assert_same_final_state(straight, part, RESUME_RTOL)
