@@ -31,6 +31,33 @@ def rate(m: int, k: int, n: int, dtype=torch.float32, device="cpu", seconds: flo
     return 2 * m * k * n * reps / (time.perf_counter() - t0)
 
 
+def print_step_overheads(n_params: int = 134_515_008, seconds: float = 2.0):
+    """Seconds per optimizer step that do not depend on the batch, for SmolLM2-135M's fp32 weights: AdamW's
+    step (the default per-tensor loop and the fused kernel), and the check that the weights stayed finite."""
+    from gspo_cli.loop import finite
+
+    torch.manual_seed(0)
+    sizes = [49152 * 576] + [576 * 1536 * 3 + 576 * 576 * 2 + 576 * 192 * 2] * 30  # embedding + 30 layers' matrices
+    sizes[-1] += n_params - sum(sizes)
+    params = [torch.randn(s, requires_grad=True) for s in sizes]
+    for q in params:
+        q.grad = torch.randn_like(q)
+
+    def per_call(f):
+        f()
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            f()
+            reps += 1
+        return (time.perf_counter() - t0) / reps
+
+    for fused in (False, True):
+        opt = torch.optim.AdamW(params, lr=1e-6, fused=fused)
+        print(f"AdamW step, {n_params / 1e6:.1f} M fp32 params, fused={fused!s:5s} {per_call(opt.step):8.3f} s")
+    print(f"finite weights: a check per tensor {per_call(lambda: all(bool(torch.isfinite(q).all()) for q in params)):8.3f}"
+          f" s, gspo_cli.loop.finite {per_call(lambda: finite(params)):.3f} s")
+
+
 def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     shapes = {"square 2048^3": (2048, 2048, 2048), "decode 16x576 @ 576x1536 (SmolLM2 MLP, 16 rows)": (16, 576, 1536),
@@ -39,6 +66,7 @@ def main():
     rates = {name: rate(*s) for name, s in shapes.items()}
     for name, r in rates.items():
         print(f"fp32 {name:55s} {r / 1e9:8.1f} GFLOP/s")
+    print_step_overheads()
     if torch.cuda.is_available():
         print(f"bf16 cuda square 8192^3 {rate(8192, 8192, 8192, torch.bfloat16, 'cuda') / 1e12:.1f} TFLOP/s")
     if len(sys.argv) < 2:

@@ -2,7 +2,7 @@
 GRPOTrainer (GSPO or GRPO mode) on the identical workload.
 
 Same GGUF model (SmolLM2-135M-Instruct), same prompts in the same order (our task stream, fed to TRL unshuffled),
-same chat template and reward (our verifier), same group size, max new tokens, temperature, optimizer (AdamW, fp32),
+same chat template and reward (our verifier), same group size, max new tokens, temperature, optimizer (fused AdamW, fp32),
 lr, updates per rollout, threads; no reference model on either side (beta = 0) and no gradient checkpointing.
 Each side runs in its own subprocess, one after the other; the figures are medians over rollouts 2..N. `generate` is
 the sampler's own seconds (our time/generate; TRL's model.generate calls) and gen tok/s divides by it; our `rollout`
@@ -94,7 +94,7 @@ def trl_side(a, algo, mb, out: Path) -> None:
     targs = GRPOConfig(output_dir=str(out / "trl"), use_cpu=True, bf16=False, seed=a.seed, max_steps=a.steps * mb,
                        per_device_train_batch_size=per_rollout // mb, gradient_accumulation_steps=1,
                        steps_per_generation=mb, num_generations=a.group, max_completion_length=a.max_new,
-                       temperature=1.0, learning_rate=a.lr, lr_scheduler_type="constant", optim="adamw_torch",
+                       temperature=1.0, learning_rate=a.lr, lr_scheduler_type="constant", optim="adamw_torch_fused",
                        beta=0.0, epsilon=eps_low, epsilon_high=eps_high, importance_sampling_level=level,
                        loss_type="grpo", gradient_checkpointing=False, shuffle_dataset=False, report_to="none",
                        logging_steps=1, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0)

