@@ -145,6 +145,7 @@ class TrainerConfig:
     precision: str = "auto"            # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast forwards; fp32
                                        # master weights, log-probs, loss and optimizer)
     lm_head_chunk: int = 128           # positions per LM-head chunk in log-prob passes (recomputed in backward); 0: all
+    share_prompt: bool = True          # log-prob passes run each distinct prompt once for its group (same numbers)
     memory_gb: float = 80.0            # accelerator memory `gspo plan` checks the run against
     devices: int = 1                   # > 1: re-launch under torchrun with this many data-parallel ranks
     threads: int = 0                   # torch CPU threads; 0 = torch's default

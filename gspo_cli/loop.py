@@ -155,7 +155,8 @@ def old_logps(p: Parts, batch: Batch, first_epoch: list[Tensor]) -> Tensor:
         return roll.logp
     defer = algorithms.get(cfg.algo.name).advantage == "group" and cfg.rollout.is_correction == "none"
     with p.autocast():
-        out = rollout.per_minibatch(lambda *a: p.forward(*a, cfg.rollout.temperature, chunk=cfg.trainer.lm_head_chunk),
+        out = rollout.per_minibatch(lambda *a: p.forward(*a, cfg.rollout.temperature, chunk=cfg.trainer.lm_head_chunk,
+                                                         share_prompt=cfg.trainer.share_prompt),
                                     roll, first_epoch[1:] if defer else first_epoch)              # (B, T)
     if defer:
         out[first_epoch[0]] = float("nan")                                                        # update fills these
@@ -171,7 +172,8 @@ def reference_logps(p: Parts, batch: Batch, order: list[Tensor]) -> Tensor | Non
     adapters_off = p.policy.disable_adapter() if p.ref_model is None else contextlib.nullcontext()
     with p.autocast(), adapters_off:
         return rollout.per_minibatch(lambda *a: rollout.token_logps(model, *a, p.cfg.rollout.temperature,
-                                                                    chunk=p.cfg.trainer.lm_head_chunk),
+                                                                    chunk=p.cfg.trainer.lm_head_chunk,
+                                                                    share_prompt=p.cfg.trainer.share_prompt),
                                      batch.roll, order)
 
 
@@ -182,7 +184,8 @@ def advantages(p: Parts, batch: Batch, old_logp: Tensor, ref_logp: Tensor | None
     if algorithms.get(a.name).advantage == "group":
         return algorithms.group_advantages(batch.rewards, a.group_size, a.scale_rewards), None, {}       # (B,)
     with torch.no_grad(), p.autocast():
-        old_values = rollout.per_minibatch(lambda *x: rollout.values(p.policy, *x), roll, order)       # (B, T)
+        old_values = rollout.per_minibatch(lambda *x: rollout.values(p.policy, *x, p.cfg.trainer.share_prompt),
+                                           roll, order)                                             # (B, T)
     token_r = algorithms.ppo_token_rewards(batch.rewards, old_logp, ref_logp, roll.mask, a.kl_coef)     # (B, T)
     adv, returns = algorithms.gae(token_r, old_values, roll.mask, a.gamma, a.lam)                       # (B, T) x2
     m = roll.mask.bool()
@@ -230,7 +233,7 @@ def update(p: Parts, batch: Batch, order: list[Tensor], adv: Tensor, old_logp: T
         cut = lambda x: None if x is None else x[idx][:, :ids.shape[1]]                 # noqa: E731  (b, t)
         with p.autocast():
             out = p.forward(p_ids, p_mask, ids, mask, cfg.rollout.temperature, with_values=value_targets is not None,
-                            chunk=cfg.trainer.lm_head_chunk)
+                            chunk=cfg.trainer.lm_head_chunk, share_prompt=cfg.trainer.share_prompt)
         logp, critic_kw = out, {}                                                     # (b, t)
         if value_targets is not None:
             logp, values = out                                                        # (b, t) x2

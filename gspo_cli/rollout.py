@@ -99,20 +99,42 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: 
                    torch.stack(logps, 1), torch.stack(ents, 1), done)
 
 
-def _response_hidden(model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
-    """Last hidden state at the T positions that predict the response tokens (teacher-forced): (B, T, H)."""
-    T = ids.shape[1]
-    full_ids = torch.cat([prompt_ids, ids], dim=1)                    # (B, P + T)
+def _response_hidden(model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor,
+                     share_prompt: bool = True) -> Tensor:
+    """Last hidden state at the T positions that predict the response tokens (teacher-forced): (B, T, H).
+
+    With `share_prompt`, rows with the same prompt (a group's G responses) run it once: its keys and values are
+    gathered for every row, and its last hidden state predicts each row's first token. Causal attention makes the
+    prompt's states independent of the response, so these are the numbers of the full pass up to rounding, and
+    autograd sums the group's gradients through the gather. Not under gradient checkpointing (transformers turns
+    the KV cache off there)."""
+    T, decoder = ids.shape[1], model.get_decoder()
+    uniq, inv = torch.unique(torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0, return_inverse=True)  # (U, 2P)
+    checkpointed = getattr(decoder, "gradient_checkpointing", False) and decoder.training
     attn = torch.cat([prompt_mask.long(), mask.long()], dim=1)        # (B, P + T)
-    return model.get_decoder()(input_ids=full_ids, attention_mask=attn, position_ids=positions(attn),
-                               use_cache=False).last_hidden_state[:, -T - 1:-1]   # no KV cache: nothing reads it
+    if not share_prompt or checkpointed or len(uniq) == len(inv):
+        full_ids = torch.cat([prompt_ids, ids], dim=1)                # (B, P + T)
+        return decoder(input_ids=full_ids, attention_mask=attn, position_ids=positions(attn),
+                       use_cache=False).last_hidden_state[:, -T - 1:-1]   # no KV cache: nothing reads it
+    P = prompt_ids.shape[1]
+    u_ids, u_mask = uniq[:, :P], uniq[:, P:]                          # (U, P) x2
+    out = decoder(input_ids=u_ids, attention_mask=u_mask, position_ids=positions(u_mask), use_cache=True)
+    first = out.last_hidden_state[inv, -1:]                           # (B, 1, H): predicts each row's first token
+    if T == 1:
+        return first
+    cache = out.past_key_values
+    cache.batch_select_indices(inv)                                   # (U, ...) -> (B, ...), differentiable
+    rest = decoder(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=positions(attn)[:, P:-1],
+                   past_key_values=cache, use_cache=True).last_hidden_state          # (B, T - 1, H)
+    return torch.cat([first, rest], 1)                                # (B, T, H)
 
 
-def _values(model, hidden: Tensor, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+def _values(model, hidden: Tensor, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor,
+            share_prompt: bool = True) -> Tensor:
     """The PPO critic's V(s_t) (B, T): the value head on `hidden` (shared trunk) or on the critic's own trunk."""
     critic = getattr(model, "critic", None)
     if critic is not None:
-        hidden = _response_hidden(critic, prompt_ids, prompt_mask, ids, mask)                    # (B, T, H)
+        hidden = _response_hidden(critic, prompt_ids, prompt_mask, ids, mask, share_prompt)      # (B, T, H)
     head = (model if critic is None else critic).value_head                 # fp32 weights, whatever the trunk's dtype
     return head(hidden.to(head.weight.dtype)).squeeze(-1).float() * mask  # (B, T)
 
@@ -124,16 +146,16 @@ def _chunk_logp(head, hidden: Tensor, ids: Tensor, temperature: float) -> Tensor
 
 
 def token_logps(model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor,
-                temperature: float = 1.0, with_values: bool = False, chunk: int = 0):
+                temperature: float = 1.0, with_values: bool = False, chunk: int = 0, share_prompt: bool = True):
     """log softmax(logits / temperature)[token] of each response token, teacher-forced: (B, T) in fp32.
 
     The LM head runs only on the T positions that predict response tokens. With `chunk` > 0 it runs on `chunk`
     positions at a time, and under autograd each chunk's logits are recomputed in backward (activation
     checkpointing) instead of kept, so the LM head's memory is O(B·chunk·V), never O(B·T·V) — 4.2 fp32 copies of
     (B, T, V) otherwise. The log-probs are the same numbers either way. With `with_values`, also the PPO critic's
-    V(s_t) at the same positions (B, T): returns (logp, values).
+    V(s_t) at the same positions (B, T): returns (logp, values). `share_prompt`: see `_response_hidden`.
     """
-    hidden = _response_hidden(model, prompt_ids, prompt_mask, ids, mask)         # (B, T, H)
+    hidden = _response_hidden(model, prompt_ids, prompt_mask, ids, mask, share_prompt)   # (B, T, H)
     head, T = model.get_output_embeddings(), ids.shape[1]
     step = chunk if 0 < chunk < T else T
     pieces = []
@@ -144,14 +166,15 @@ def token_logps(model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mas
     logp = torch.cat(pieces, 1) * mask                                # (B, T)
     if not with_values:
         return logp
-    return logp, _values(model, hidden, prompt_ids, prompt_mask, ids, mask)
+    return logp, _values(model, hidden, prompt_ids, prompt_mask, ids, mask, share_prompt)
 
 
-def values(model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+def values(model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor,
+           share_prompt: bool = True) -> Tensor:
     """The PPO critic's V(s_t) alone (B, T): one trunk pass, no LM head."""
     critic = getattr(model, "critic", None)
-    hidden = None if critic is not None else _response_hidden(model, prompt_ids, prompt_mask, ids, mask)
-    return _values(model, hidden, prompt_ids, prompt_mask, ids, mask)
+    hidden = None if critic is not None else _response_hidden(model, prompt_ids, prompt_mask, ids, mask, share_prompt)
+    return _values(model, hidden, prompt_ids, prompt_mask, ids, mask, share_prompt)
 
 
 def trim(prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor):

@@ -9,7 +9,10 @@ when a metric key was added (rollout/logp_diff): tiny PPO's rows changed then, b
 advantages are whitened rounding noise, which moved when the reference pass began to run per minibatch. Recorded
 again when AdamW became torch's fused kernel (`optim.fused`, the same update up to rounding): every metric stayed
 within the rtol 1e-4 below except two that are rounding noise themselves, tiny PPO's (above) and rollout/logp_diff, the mean
-|sampler − trainer| log-prob gap of 1e-5 (9.58e-6 -> 9.12e-6). Tolerance: rewards, lengths and counts exact; other floats rtol 1e-4 (different kernels sum
+|sampler − trainer| log-prob gap of 1e-5 (9.58e-6 -> 9.12e-6). And again when the log-prob passes began to run each
+prompt once for its group (`trainer.share_prompt`, the same numbers up to rounding): SmolLM2's ratios, clip
+fractions, grad norms and KL within rtol 1.2e-5, loss/policy (a sum of near-cancelling terms) 1.1e-4, logp_diff
+(rounding noise) 5 %; tiny PPO's noise rows moved again. Tolerance: rewards, lengths and counts exact; other floats rtol 1e-4 (different kernels sum
 in a different order; a sampled token flipping would change rewards and fail the test, as it should).
 After a deliberate change of the math: `python tests/test_golden.py --write`, and say why in the commit.
 

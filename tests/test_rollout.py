@@ -142,3 +142,60 @@ def test_smollm2_tokenizer_is_converted_once_then_read_from_the_cache(tmp_path, 
     assert (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id) == (2, 1, 2)
     ids = list(range(0, len(ref), 97))
     assert tok.decode(ids) == ref.decode(ids)
+
+
+def _embedded_tokens(model, fn) -> tuple[object, int]:
+    """fn()'s result and how many token positions went through the model's input embedding."""
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+    try:
+        return fn(), sum(seen)
+    finally:
+        hook.remove()
+
+
+def test_a_shared_prompt_runs_once_per_group_with_the_full_passs_log_probs_and_gradients(tiny):
+    """trainer.share_prompt: the two prompts (one left-padded) of 2 x 4 responses are embedded once each, and
+    the log-probs and the gradient of a loss on them equal the full pass's (each row with its own prompt copy)."""
+    import copy
+
+    from conftest import tiny_rollout
+
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    roll = tiny_rollout(model, tok, G=4, max_new_tokens=8)
+    ids, mask = roll.ids.clone(), roll.mask.clone()
+    mask[1, 5:], mask[6, 2:] = 0.0, 0.0                     # two shorter responses, right-padded as an EOS leaves them
+    ids[mask == 0] = tok.pad_token_id
+    args = (roll.prompt_ids, roll.prompt_mask, ids, mask)
+    assert (roll.prompt_mask == 0).any(), "a left-padded prompt"
+    B, P, T = roll.ids.shape[0], roll.prompt_ids.shape[1], roll.ids.shape[1]
+    out = {}
+    for share in (False, True):
+        model.zero_grad()
+        logp, n = _embedded_tokens(model, lambda: rollout.token_logps(model, *args, share_prompt=share))
+        (logp * torch.linspace(-1, 1, B)[:, None]).sum().backward()
+        out[share] = logp.detach(), [q.grad.clone() for q in model.parameters()], n
+    assert out[False][2] == B * (P + T) and out[True][2] == 2 * P + B * (T - 1)
+    assert (out[True][0] - out[False][0]).abs().max() < 1e-5
+    assert (out[True][0] - roll.logp * mask).abs().max() < 1e-4          # and the sampler's
+    for shared, full in zip(out[True][1], out[False][1]):
+        assert torch.allclose(shared, full, rtol=1e-4, atol=1e-6 * full.abs().max().item())
+
+
+def test_gradient_checkpointing_takes_the_full_pass(tiny):
+    """transformers turns the KV cache off under gradient checkpointing, so the shared prompt cannot run there."""
+    import copy
+
+    from conftest import tiny_rollout
+
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    roll = tiny_rollout(model, tok, G=4, max_new_tokens=8)
+    logp, n = _embedded_tokens(model, lambda: rollout.token_logps(model, roll.prompt_ids, roll.prompt_mask, roll.ids,
+                                                                  roll.mask))
+    logp.sum().backward()
+    assert n == roll.ids.shape[0] * (roll.prompt_ids.shape[1] + roll.ids.shape[1])
+    assert all(q.grad is not None for q in model.parameters() if q.requires_grad)
