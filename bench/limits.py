@@ -67,6 +67,14 @@ def main():
     for name, r in rates.items():
         print(f"fp32 {name:55s} {r / 1e9:8.1f} GFLOP/s")
     print_step_overheads()
+    w, x = torch.randn(49152 * 5, 576), torch.randn(16, 576)          # 566 MB, ~SmolLM2's fp32 weights
+    for name, f in {"16-row matmul": lambda: x @ w.T, "sum": w.sum}.items():
+        f()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            f()
+        print(f"weights streamed, fp32 {name:16s} over {w.numel() * 4 / 1e6:.0f} MB "
+              f"{w.numel() * 4 * 5 / (time.perf_counter() - t0) / 1e9:8.1f} GB/s")
     if torch.cuda.is_available():
         print(f"bf16 cuda square 8192^3 {rate(8192, 8192, 8192, torch.bfloat16, 'cuda') / 1e12:.1f} TFLOP/s")
     if len(sys.argv) < 2:
