@@ -19,19 +19,24 @@ import torch
 from omegaconf import OmegaConf
 
 
-def rate(m: int, k: int, n: int, dtype=torch.float32, device="cpu", seconds: float = 2.0) -> float:
-    a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
-    a @ b
+def per_call(f, seconds: float = 2.0, device: str = "cpu") -> float:
+    """Seconds per call of f: one warm-up call, then as many calls as fit in `seconds`."""
+    f()
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        a @ b
+        f()
         reps += 1
     if device == "cuda":
         torch.cuda.synchronize()
-    return 2 * m * k * n * reps / (time.perf_counter() - t0)
+    return (time.perf_counter() - t0) / reps
 
 
-def print_step_overheads(n_params: int = 134_515_008, seconds: float = 2.0):
+def rate(m: int, k: int, n: int, dtype=torch.float32, device="cpu", seconds: float = 2.0) -> float:
+    a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+    return 2 * m * k * n / per_call(lambda: a @ b, seconds, device)
+
+
+def print_step_overheads(n_params: int = 134_515_008):
     """Seconds per optimizer step that do not depend on the batch, for SmolLM2-135M's fp32 weights: AdamW's
     step (the default per-tensor loop and the fused kernel), and the check that the weights stayed finite."""
     from gspo_cli.loop import finite
@@ -42,15 +47,6 @@ def print_step_overheads(n_params: int = 134_515_008, seconds: float = 2.0):
     params = [torch.randn(s, requires_grad=True) for s in sizes]
     for q in params:
         q.grad = torch.randn_like(q)
-
-    def per_call(f):
-        f()
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            f()
-            reps += 1
-        return (time.perf_counter() - t0) / reps
-
     for fused in (False, True):
         opt = torch.optim.AdamW(params, lr=1e-6, fused=fused)
         print(f"AdamW step, {n_params / 1e6:.1f} M fp32 params, fused={fused!s:5s} {per_call(opt.step):8.3f} s")
@@ -69,12 +65,8 @@ def main():
     print_step_overheads()
     w, x = torch.randn(49152 * 5, 576), torch.randn(16, 576)          # 566 MB, ~SmolLM2's fp32 weights
     for name, f in {"16-row matmul": lambda: x @ w.T, "sum": w.sum}.items():
-        f()
-        t0 = time.perf_counter()
-        for _ in range(5):
-            f()
         print(f"weights streamed, fp32 {name:16s} over {w.numel() * 4 / 1e6:.0f} MB "
-              f"{w.numel() * 4 * 5 / (time.perf_counter() - t0) / 1e9:8.1f} GB/s")
+              f"{w.numel() * 4 / per_call(f) / 1e9:8.1f} GB/s")
     if torch.cuda.is_available():
         print(f"bf16 cuda square 8192^3 {rate(8192, 8192, 8192, torch.bfloat16, 'cuda') / 1e12:.1f} TFLOP/s")
     if len(sys.argv) < 2:

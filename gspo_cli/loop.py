@@ -155,8 +155,7 @@ def old_logps(p: Parts, batch: Batch, first_epoch: list[Tensor]) -> Tensor:
         return roll.logp
     defer = algorithms.get(cfg.algo.name).advantage == "group" and cfg.rollout.is_correction == "none"
     with p.autocast():
-        out = rollout.per_minibatch(lambda *a: p.forward(*a, cfg.rollout.temperature, chunk=cfg.trainer.lm_head_chunk,
-                                                         share_prompt=cfg.trainer.share_prompt),
+        out = rollout.per_minibatch(lambda *a: p.forward(*a, cfg.rollout.temperature, **pass_knobs(cfg)),
                                     roll, first_epoch[1:] if defer else first_epoch)              # (B, T)
     if defer:
         out[first_epoch[0]] = float("nan")                                                        # update fills these
@@ -172,8 +171,7 @@ def reference_logps(p: Parts, batch: Batch, order: list[Tensor]) -> Tensor | Non
     adapters_off = p.policy.disable_adapter() if p.ref_model is None else contextlib.nullcontext()
     with p.autocast(), adapters_off:
         return rollout.per_minibatch(lambda *a: rollout.token_logps(model, *a, p.cfg.rollout.temperature,
-                                                                    chunk=p.cfg.trainer.lm_head_chunk,
-                                                                    share_prompt=p.cfg.trainer.share_prompt),
+                                                                    **pass_knobs(p.cfg)),
                                      batch.roll, order)
 
 
@@ -205,6 +203,11 @@ def correction(p: Parts, batch: Batch, old_logp: Tensor) -> tuple[Tensor | None,
                                          r.is_threshold, geometric)
 
 
+def pass_knobs(cfg: Config) -> dict:
+    """The trainer's knobs of every log-prob pass (`rollout.token_logps`): LM-head chunk, shared prompt."""
+    return dict(chunk=cfg.trainer.lm_head_chunk, share_prompt=cfg.trainer.share_prompt)
+
+
 def loss_knobs(cfg: Config) -> dict:
     """cfg.algo's value of each knob the chosen loss declares; loss_agg=default keeps the loss's own default."""
     knobs = algorithms.get(cfg.algo.name).knobs()
@@ -233,7 +236,7 @@ def update(p: Parts, batch: Batch, order: list[Tensor], adv: Tensor, old_logp: T
         cut = lambda x: None if x is None else x[idx][:, :ids.shape[1]]                 # noqa: E731  (b, t)
         with p.autocast():
             out = p.forward(p_ids, p_mask, ids, mask, cfg.rollout.temperature, with_values=value_targets is not None,
-                            chunk=cfg.trainer.lm_head_chunk, share_prompt=cfg.trainer.share_prompt)
+                            **pass_knobs(cfg))
         logp, critic_kw = out, {}                                                     # (b, t)
         if value_targets is not None:
             logp, values = out                                                        # (b, t) x2

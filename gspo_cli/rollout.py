@@ -109,10 +109,11 @@ def _response_hidden(model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor
     autograd sums the group's gradients through the gather. Not under gradient checkpointing (transformers turns
     the KV cache off there)."""
     T, decoder = ids.shape[1], model.get_decoder()
-    uniq, inv = torch.unique(torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0, return_inverse=True)  # (U, 2P)
-    checkpointed = getattr(decoder, "gradient_checkpointing", False) and decoder.training
+    share_prompt = share_prompt and not (getattr(decoder, "gradient_checkpointing", False) and decoder.training)
+    if share_prompt:
+        uniq, inv = torch.unique(torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0, return_inverse=True)  # (U, 2P)
     attn = torch.cat([prompt_mask.long(), mask.long()], dim=1)        # (B, P + T)
-    if not share_prompt or checkpointed or len(uniq) == len(inv):
+    if not share_prompt or len(uniq) == len(inv):
         full_ids = torch.cat([prompt_ids, ids], dim=1)                # (B, P + T)
         return decoder(input_ids=full_ids, attention_mask=attn, position_ids=positions(attn),
                        use_cache=False).last_hidden_state[:, -T - 1:-1]   # no KV cache: nothing reads it
