@@ -113,6 +113,9 @@ class VllmConfig:
     gpu_memory_utilization: float = 0.3   # GPU: the engine's share of device memory (weights + KV cache)
     tensor_parallel_size: int = 1      # GPU
     enable_sleep_mode: bool = False    # GPU: free the KV cache and offload weights during the update
+    block_size: Optional[int] = None   # KV-cache block, in tokens; null: 32 on CPU, vLLM's own (16) on GPU. The G
+                                       # samples of a prompt share its prefill only over whole blocks (the prefix
+                                       # cache), and the CPU default 128 is longer than most prompts
     enforce_eager: Optional[bool] = None  # null: eager on CPU (starts in ~7 s), compiled on GPU (CUDA graphs);
                                        # false on CPU: torch.compile, ~1.3x faster decode, +20-60 s at start
 
@@ -284,6 +287,8 @@ def _validate_run(cfg: Config) -> None:
     _check(v.max_prompt_tokens > 0, "rollout.vllm.max_prompt_tokens", v.max_prompt_tokens, "an integer > 0")
     _check(0 < v.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization", v.gpu_memory_utilization,
            "a float in (0, 1]")
+    _check(v.block_size is None or (v.block_size > 0 and v.block_size % 16 == 0), "rollout.vllm.block_size",
+           v.block_size, "null or a multiple of 16 (of 32 on CPU)")
     _check(v.tensor_parallel_size >= 1, "rollout.vllm.tensor_parallel_size", v.tensor_parallel_size,
            "an integer >= 1")
     _check(t.lm_head_chunk >= 0, "trainer.lm_head_chunk", t.lm_head_chunk, "an integer >= 0 (0 = no chunking)")

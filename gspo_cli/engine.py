@@ -51,10 +51,17 @@ class VllmEngine:
                   logprobs_mode="processed_logprobs", enforce_eager=eager,
                   max_model_len=min(base.config.max_position_embeddings, r.max_new_tokens + v.max_prompt_tokens))
         if device.type == "cuda":
+            if v.block_size is not None:
+                kw.update(block_size=v.block_size)
             kw.update(gpu_memory_utilization=v.gpu_memory_utilization, tensor_parallel_size=v.tensor_parallel_size,
                       enable_sleep_mode=v.enable_sleep_mode)
         else:
-            kw.update(kv_cache_memory_bytes=int(v.kv_cache_gb * 2**30))   # the default asks for 92 % of RAM
+            if v.block_size is not None and v.block_size % 32:
+                raise ConfigError(f"rollout.vllm.block_size={v.block_size} is invalid on {device.type}: expected a "
+                                  "multiple of 32 (vLLM's CPU attention)")
+            # The default KV cache asks for 92 % of RAM. Block 32, the smallest the CPU attention takes: the prefix
+            # cache shares whole blocks only, and at the default 128 a prompt's G samples each ran its prefill.
+            kw.update(kv_cache_memory_bytes=int(v.kv_cache_gb * 2**30), block_size=v.block_size or 32)
             ignored = [k for k in GPU_ONLY if getattr(v, k) != getattr(type(v)(), k)]
             if ignored:
                 print(f"rollout.vllm: {', '.join(ignored)} ignored on {device.type} (GPU-only engine settings)")
@@ -103,7 +110,9 @@ class VllmEngine:
         params = SamplingParams(n=n, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
                                 max_tokens=max_new_tokens, logprobs=0, stop_token_ids=[eos_id], detokenize=False,
                                 seed=seed)
-        rows = [c for out in self.llm.generate(prompts, params, use_tqdm=False) for c in out.outputs]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        self.cached_tokens = [o.num_cached_tokens for o in outs]  # per prompt: its tokens a sample took from the cache
+        rows = [c for out in outs for c in out.outputs]
         if self.sleep:  # free the KV cache and offload the weights for the update
             self.llm.sleep(level=1)
             self.asleep = True

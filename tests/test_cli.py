@@ -76,6 +76,7 @@ INVALID = [
     (["optim.weight_decay=-1"], "optim.weight_decay=-1.0 is invalid: expected a float >= 0"),
     (["model.lora.dropout=2"], "model.lora.dropout=2.0 is invalid: expected a float in [0, 1)"),
     (["task.eval_size=0"], "task.eval_size=0 is invalid: expected an integer > 0 with trainer.eval_every=10"),
+    (["rollout.vllm.block_size=20"], "rollout.vllm.block_size=20 is invalid: expected null or a multiple of 16 (of 32 on CPU)"),
 ]
 
 

@@ -53,7 +53,8 @@ def gap(a, b, mask):
 @needs_vllm
 @pytest.mark.slow
 def test_sync_moves_the_engine_to_the_new_weights(parts):
-    """Perturb the policy, sync: the engine's log-probs match the new weights (≤ 1e-4), and no longer the old."""
+    """Perturb the policy, sync: the engine's log-probs match the new weights (≤ 1e-4), and no longer the old
+    (the same prompts again: their blocks in the prefix cache held the old weights' keys and values)."""
     from gspo_cli import loop, tasks
 
     p = parts
@@ -72,6 +73,23 @@ def test_sync_moves_the_engine_to_the_new_weights(parts):
     after = loop.sample_and_score(p, entries, 4).roll
     assert gap(after.logp, trainer_logps(p, after), after.mask) <= 1e-4
     assert after.ids.shape[0] == 8 and tasks.decode(p.tok, after.ids, after.mask)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_the_samples_of_a_prompt_share_its_prefill(parts):
+    """The G samples of a prompt take its whole KV-cache blocks from vLLM's prefix cache, filled by the first of
+    them in the same call (block 32 on CPU; at vLLM's CPU default of 128 tokens these prompts fill no block, and
+    each sample ran the prompt's prefill again)."""
+    from gspo_cli import loop
+
+    p = parts
+    entries, _ = p.task.next_batch(0, 2)
+    p.engine.llm.reset_prefix_cache()                                                # nothing cached before
+    roll = loop.sample_and_score(p, entries, 4).roll
+    lengths = roll.prompt_mask[::4].sum(-1).long()                                   # (2,) prompt tokens
+    assert (lengths > 32).all(), lengths
+    assert p.engine.cached_tokens == ((lengths - 1) // 32 * 32).tolist()
 
 
 @needs_vllm
