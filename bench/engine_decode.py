@@ -24,10 +24,10 @@ def one(dtype: str, eager: bool, block: int, rollouts: int, threads: int) -> dic
 
     torch.set_num_threads(threads)
     from gspo_cli import models, tasks
-    from gspo_cli.config import Config
+    from gspo_cli.cli import composed
     from gspo_cli.engine import VllmEngine
 
-    cfg = Config()
+    cfg = composed()                                                     # the default task's prompts
     cfg.rollout.vllm.dtype, cfg.rollout.vllm.enforce_eager, cfg.rollout.vllm.block_size = dtype, eager, block
     tok = models.load_tokenizer(cfg.model)
     policy = models.load_policy(cfg.model, tok, torch.device("cpu"))

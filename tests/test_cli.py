@@ -33,6 +33,15 @@ def test_default_is_gspo_on_embedded_smollm2_arithmetic(compose):
                                                                               "arithmetic")
 
 
+def test_scripts_get_the_config_train_runs_with():
+    """cli.composed (for bench/ scripts) composes conf/ as `gspo train` does: the task's own params, overrides."""
+    from gspo_cli.cli import composed
+
+    cfg = composed(["algo=grpo"])
+    assert cfg.algo.name == "grpo" and cfg.task.params == {"min_terms": 2, "max_terms": 2, "min_digits": 1,
+                                                            "max_digits": 1}
+
+
 def test_validate_names_key_value_and_allowed(compose):
     with pytest.raises(ConfigError, match=r"^rollout.temperature=0.0 is invalid: expected a float > 0$"):
         to_config(compose("rollout.temperature=0"))
