@@ -101,13 +101,14 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: 
 
 def _response_hidden(model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor,
                      share_prompt: bool = True) -> Tensor:
-    """Last hidden state at the T positions that predict the response tokens (teacher-forced): (B, T, H).
+    """Last hidden state at the T positions that predict the response tokens (teacher-forced): (B, T, H), zero
+    past each row's response.
 
     With `share_prompt`, rows with the same prompt (a group's G responses) run it once: its keys and values are
-    gathered for every row, and its last hidden state predicts each row's first token. Causal attention makes the
-    prompt's states independent of the response, so these are the numbers of the full pass up to rounding, and
-    autograd sums the group's gradients through the gather. Not under gradient checkpointing (transformers turns
-    the KV cache off there)."""
+    gathered for every row, and its last hidden state predicts each row's first token; the responses then run
+    packed (`_packed_rest`). Causal attention makes the prompt's states independent of the response, so these are
+    the numbers of the full pass up to rounding, and autograd sums the group's gradients through the gather. Not
+    under gradient checkpointing (transformers turns the KV cache off there)."""
     T, decoder = ids.shape[1], model.get_decoder()
     share_prompt = share_prompt and not (getattr(decoder, "gradient_checkpointing", False) and decoder.training)
     if share_prompt:
@@ -115,19 +116,58 @@ def _response_hidden(model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor
     attn = torch.cat([prompt_mask.long(), mask.long()], dim=1)        # (B, P + T)
     if not share_prompt or len(uniq) == len(inv):
         full_ids = torch.cat([prompt_ids, ids], dim=1)                # (B, P + T)
-        return decoder(input_ids=full_ids, attention_mask=attn, position_ids=positions(attn),
-                       use_cache=False).last_hidden_state[:, -T - 1:-1]   # no KV cache: nothing reads it
+        hidden = decoder(input_ids=full_ids, attention_mask=attn, position_ids=positions(attn),
+                         use_cache=False).last_hidden_state[:, -T - 1:-1]   # no KV cache: nothing reads it
+        return hidden * mask[..., None].to(hidden.dtype)             # (B, T, H)
     P = prompt_ids.shape[1]
     u_ids, u_mask = uniq[:, :P], uniq[:, P:]                          # (U, P) x2
     out = decoder(input_ids=u_ids, attention_mask=u_mask, position_ids=positions(u_mask), use_cache=True)
     first = out.last_hidden_state[inv, -1:]                           # (B, 1, H): predicts each row's first token
     if T == 1:
         return first
-    cache = out.past_key_values
-    cache.batch_select_indices(inv)                                   # (U, ...) -> (B, ...), differentiable
-    rest = decoder(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=positions(attn)[:, P:-1],
-                   past_key_values=cache, use_cache=True).last_hidden_state          # (B, T - 1, H)
+    rest = _packed_rest(decoder, out.past_key_values, u_mask, inv, ids[:, :-1], mask[:, 1:],
+                        positions(attn)[:, P:-1])                     # (B, T - 1, H)
     return torch.cat([first, rest], 1)                                # (B, T, H)
+
+
+def _packed_rest(decoder, cache, u_mask: Tensor, inv: Tensor, ids: Tensor, valid: Tensor, pos: Tensor) -> Tensor:
+    """The responses' hidden states after their prompts' cached keys and values, packed: a group's responses
+    (rows with the same prompt) are laid end to end in rows of at most the padded width t = T - 1, each response
+    attending to its prompt and to its own earlier tokens only (a block-diagonal causal mask), so a short
+    response leaves no padding for the trunk to run when another fills its place. Rows never grow past t, so
+    attention costs no more than the padded pass's. ids, valid, pos (B, t): the inputs (each response but its
+    last token), where they are real, their position ids. -> (B, t, H), zero where `valid` is 0."""
+    B, t = ids.shape
+    n = valid.sum(1).long().tolist()                                  # real inputs per row
+    owner, fill, slot = [], [], [None] * B                          # packed row -> prompt, its length; per row
+    prompt_of = inv.tolist()
+    for b in sorted(range(B), key=lambda b: -n[b]):                   # first fit, longest first
+        u = prompt_of[b]
+        r = next((r for r in range(len(owner)) if owner[r] == u and fill[r] + n[b] <= t), None)
+        if r is None:                                                 # a new packed row for this prompt
+            r = len(owner)
+            owner.append(u)
+            fill.append(0)
+        slot[b] = (r, fill[r])
+        fill[r] += n[b]
+    R, C, dev = len(owner), max(fill), ids.device
+    real = valid.bool()                                               # (B, t)
+    src_r = torch.tensor([r for r, _ in slot], device=dev)[:, None].expand(B, t)                  # (B, t)
+    src_c = (torch.tensor([c for _, c in slot], device=dev)[:, None] + torch.arange(t, device=dev)).clamp(max=C - 1)
+    src_c = src_c * real                                              # (B, t): padding points at column 0
+    r_ids, r_c = src_r[real], src_c[real]                             # (N,) x2
+    p_ids = torch.zeros(R, C, dtype=ids.dtype, device=dev).index_put((r_ids, r_c), ids[real])      # (R, C)
+    p_pos = torch.zeros(R, C, dtype=pos.dtype, device=dev).index_put((r_ids, r_c), pos[real])      # (R, C)
+    seg = torch.full((R, C), -1, device=dev).index_put((r_ids, r_c), torch.arange(B, device=dev)[:, None].expand(B, t)[real])
+    causal = torch.ones(C, C, dtype=torch.bool, device=dev).tril()                                  # (C, C)
+    own = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0) & causal                    # (R, C, C)
+    owner = torch.tensor(owner, device=dev)                                                         # (R,)
+    to_prompt = u_mask[owner].bool()[:, None, :].expand(R, C, u_mask.shape[1])                      # (R, C, P)
+    attn = torch.cat([to_prompt, own], -1)[:, None]                   # (R, 1, C, P + C): True = may attend
+    cache.batch_select_indices(owner)                                 # (U, ...) -> (R, ...), differentiable
+    hidden = decoder(input_ids=p_ids, attention_mask=attn, position_ids=p_pos, past_key_values=cache,
+                     use_cache=True).last_hidden_state                 # (R, C, H)
+    return hidden[src_r, src_c] * real[..., None].to(hidden.dtype)    # (B, t, H)
 
 
 def _values(model, hidden: Tensor, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor,
@@ -141,30 +181,33 @@ def _values(model, hidden: Tensor, prompt_ids: Tensor, prompt_mask: Tensor, ids:
 
 
 def _chunk_logp(head, hidden: Tensor, ids: Tensor, temperature: float) -> Tensor:
-    """log softmax(head(hidden) / temperature)[ids] for one chunk of positions: (B, c, H), (B, c) -> (B, c) fp32."""
-    logits = _scaled(head(hidden).float(), temperature)               # (B, c, V)
-    return logits.gather(-1, ids[..., None]).squeeze(-1) - logits.logsumexp(-1)
+    """log softmax(head(hidden) / temperature)[ids] for one chunk of positions: (n, H), (n,) -> (n,) fp32."""
+    logits = _scaled(head(hidden).float(), temperature)               # (n, V)
+    return logits.gather(-1, ids[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
 def token_logps(model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor,
                 temperature: float = 1.0, with_values: bool = False, chunk: int = 0, share_prompt: bool = True):
-    """log softmax(logits / temperature)[token] of each response token, teacher-forced: (B, T) in fp32.
+    """log softmax(logits / temperature)[token] of each response token, teacher-forced: (B, T) in fp32, 0 past
+    each response.
 
-    The LM head runs only on the T positions that predict response tokens. With `chunk` > 0 it runs on `chunk`
-    positions at a time, and under autograd each chunk's logits are recomputed in backward (activation
+    The LM head runs only on the response tokens' positions (none of the padding). With `chunk` > 0 it runs on
+    B·`chunk` positions at a time, and under autograd each chunk's logits are recomputed in backward (activation
     checkpointing) instead of kept, so the LM head's memory is O(B·chunk·V), never O(B·T·V) — 4.2 fp32 copies of
     (B, T, V) otherwise. The log-probs are the same numbers either way. With `with_values`, also the PPO critic's
     V(s_t) at the same positions (B, T): returns (logp, values). `share_prompt`: see `_response_hidden`.
     """
     hidden = _response_hidden(model, prompt_ids, prompt_mask, ids, mask, share_prompt)   # (B, T, H)
-    head, T = model.get_output_embeddings(), ids.shape[1]
-    step = chunk if 0 < chunk < T else T
+    head, (B, T), real = model.get_output_embeddings(), ids.shape, mask.bool()
+    h, y = hidden[real], ids[real]                                    # (n, H), (n,)
+    step = B * chunk if 0 < chunk < T else max(len(y), 1)
     pieces = []
-    for s in range(0, T, step):
-        args = (head, hidden[:, s:s + step], ids[:, s:s + step], temperature)    # (B, c, H), (B, c)
-        recompute = step < T and torch.is_grad_enabled()
+    for s in range(0, max(len(y), 1), step):
+        args = (head, h[s:s + step], y[s:s + step], temperature)     # (c, H), (c,)
+        recompute = step < len(y) and torch.is_grad_enabled()
         pieces.append(checkpoint(_chunk_logp, *args, use_reentrant=False) if recompute else _chunk_logp(*args))
-    logp = torch.cat(pieces, 1) * mask                                # (B, T)
+    logp = torch.zeros(B, T, device=ids.device).index_put(torch.nonzero(real, as_tuple=True),
+                                                          torch.cat(pieces))              # (B, T)
     if not with_values:
         return logp
     return logp, _values(model, hidden, prompt_ids, prompt_mask, ids, mask, share_prompt)

@@ -155,8 +155,9 @@ def _embedded_tokens(model, fn) -> tuple[object, int]:
 
 
 def test_a_shared_prompt_runs_once_per_group_with_the_full_passs_log_probs_and_gradients(tiny):
-    """trainer.share_prompt: the two prompts (one left-padded) of 2 x 4 responses are embedded once each, and
-    the log-probs and the gradient of a loss on them equal the full pass's (each row with its own prompt copy)."""
+    """trainer.share_prompt: the two prompts (one left-padded) of 2 x 4 responses are embedded once each, two
+    short responses of a group run in one packed row, and the log-probs and the gradient of a loss on them equal
+    the full pass's (each row with its own prompt copy and its padding)."""
     import copy
 
     from conftest import tiny_rollout
@@ -165,7 +166,9 @@ def test_a_shared_prompt_runs_once_per_group_with_the_full_passs_log_probs_and_g
     model = copy.deepcopy(model)
     roll = tiny_rollout(model, tok, G=4, max_new_tokens=8)
     ids, mask = roll.ids.clone(), roll.mask.clone()
-    mask[1, 5:], mask[6, 2:] = 0.0, 0.0                     # two shorter responses, right-padded as an EOS leaves them
+    # shorter responses, right-padded as an EOS leaves them: rows 1 and 2 (3 + 4 inputs after their first
+    # token) fit one packed row of T - 1 = 7; row 6 (1 input) fits no other row of its group
+    mask[1, 4:], mask[2, 5:], mask[6, 2:] = 0.0, 0.0, 0.0
     ids[mask == 0] = tok.pad_token_id
     args = (roll.prompt_ids, roll.prompt_mask, ids, mask)
     assert (roll.prompt_mask == 0).any(), "a left-padded prompt"
@@ -176,7 +179,8 @@ def test_a_shared_prompt_runs_once_per_group_with_the_full_passs_log_probs_and_g
         logp, n = _embedded_tokens(model, lambda: rollout.token_logps(model, *args, share_prompt=share))
         (logp * torch.linspace(-1, 1, B)[:, None]).sum().backward()
         out[share] = logp.detach(), [q.grad.clone() for q in model.parameters()], n
-    assert out[False][2] == B * (P + T) and out[True][2] == 2 * P + B * (T - 1)
+    assert T == 8 and roll.mask.all(), "every sampled response runs to max_new_tokens (no EOS)"
+    assert out[False][2] == B * (P + T) and out[True][2] == 2 * P + (B - 1) * (T - 1)
     assert (out[True][0] - out[False][0]).abs().max() < 1e-5
     assert (out[True][0] - roll.logp * mask).abs().max() < 1e-4          # and the sampler's
     for shared, full in zip(out[True][1], out[False][1]):
