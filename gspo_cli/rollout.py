@@ -114,7 +114,7 @@ def _response_hidden(model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor
     if share_prompt:
         uniq, inv = torch.unique(torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0, return_inverse=True)  # (U, 2P)
     attn = torch.cat([prompt_mask.long(), mask.long()], dim=1)        # (B, P + T)
-    if not share_prompt or len(uniq) == len(inv):
+    if not share_prompt:
         full_ids = torch.cat([prompt_ids, ids], dim=1)                # (B, P + T)
         hidden = decoder(input_ids=full_ids, attention_mask=attn, position_ids=positions(attn),
                          use_cache=False).last_hidden_state[:, -T - 1:-1]   # no KV cache: nothing reads it
@@ -131,40 +131,49 @@ def _response_hidden(model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor
 
 
 def _packed_rest(decoder, cache, u_mask: Tensor, inv: Tensor, ids: Tensor, valid: Tensor, pos: Tensor) -> Tensor:
-    """The responses' hidden states after their prompts' cached keys and values, packed: a group's responses
-    (rows with the same prompt) are laid end to end in rows of at most the padded width t = T - 1, each response
-    attending to its prompt and to its own earlier tokens only (a block-diagonal causal mask), so a short
-    response leaves no padding for the trunk to run when another fills its place. Rows never grow past t, so
-    attention costs no more than the padded pass's. ids, valid, pos (B, t): the inputs (each response but its
-    last token), where they are real, their position ids. -> (B, t, H), zero where `valid` is 0."""
+    """The responses' hidden states after their prompts' cached keys and values, packed: responses are laid end
+    to end in rows of at most the padded width t = T - 1 (first fit, longest first, a row holding the same prompt
+    preferred), each attending to its own prompt and its own earlier tokens only (a block-diagonal causal mask),
+    so a short response leaves no padding for the trunk to run when another fills its place. A packed row carries
+    the keys and values of the k prompts of its responses; it replaces at least k padded rows, so attention
+    costs no more than the padded pass's. ids, valid, pos (B, t): the inputs (each response but its last
+    token), where they are real, their position ids; inv (B,): each row's prompt in the cache. -> (B, t, H),
+    zero where `valid` is 0."""
     B, t = ids.shape
     n = valid.sum(1).long().tolist()                                  # real inputs per row
-    owner, fill, slot = [], [], [None] * B                          # packed row -> prompt, its length; per row
+    prompts, fill, slot = [], [], [None] * B                          # per packed row: its prompts, its length
     prompt_of = inv.tolist()
-    for b in sorted(range(B), key=lambda b: -n[b]):                   # first fit, longest first
-        u = prompt_of[b]
-        r = next((r for r in range(len(owner)) if owner[r] == u and fill[r] + n[b] <= t), None)
-        if r is None:                                                 # a new packed row for this prompt
-            r = len(owner)
-            owner.append(u)
+    for b in sorted(range(B), key=lambda b: -n[b]):
+        u, fits = prompt_of[b], [r for r in range(len(fill)) if fill[r] + n[b] <= t]
+        r = next((r for r in fits if u in prompts[r]), fits[0] if fits else None)
+        if r is None:                                                 # a new packed row
+            r = len(fill)
+            prompts.append([])
             fill.append(0)
-        slot[b] = (r, fill[r])
+        if u not in prompts[r]:
+            prompts[r].append(u)
+        slot[b] = (r, fill[r], prompts[r].index(u))
         fill[r] += n[b]
-    R, C, dev = len(owner), max(fill), ids.device
+    R, C, K, P, dev = len(fill), max(fill), max(map(len, prompts)), u_mask.shape[1], ids.device
     real = valid.bool()                                               # (B, t)
-    src_r = torch.tensor([r for r, _ in slot], device=dev)[:, None].expand(B, t)                  # (B, t)
-    src_c = (torch.tensor([c for _, c in slot], device=dev)[:, None] + torch.arange(t, device=dev)).clamp(max=C - 1)
-    src_c = src_c * real                                              # (B, t): padding points at column 0
-    r_ids, r_c = src_r[real], src_c[real]                             # (N,) x2
-    p_ids = torch.zeros(R, C, dtype=ids.dtype, device=dev).index_put((r_ids, r_c), ids[real])      # (R, C)
-    p_pos = torch.zeros(R, C, dtype=pos.dtype, device=dev).index_put((r_ids, r_c), pos[real])      # (R, C)
-    seg = torch.full((R, C), -1, device=dev).index_put((r_ids, r_c), torch.arange(B, device=dev)[:, None].expand(B, t)[real])
+    row, col, k = (torch.tensor(x, device=dev)[:, None] for x in zip(*slot))                         # (B, 1) x3
+    src_r, src_c = row.expand(B, t), (col + torch.arange(t, device=dev)).clamp(max=C - 1) * real     # (B, t) x2
+    at = (src_r[real], src_c[real])                                   # (N,) x2: the packed place of each real input
+    p_ids = torch.zeros(R, C, dtype=ids.dtype, device=dev).index_put(at, ids[real])                  # (R, C)
+    p_pos = torch.zeros(R, C, dtype=pos.dtype, device=dev).index_put(at, pos[real])                  # (R, C)
+    seg = torch.full((R, C), -1, device=dev).index_put(at, torch.arange(B, device=dev)[:, None].expand(B, t)[real])
+    p_slot = torch.zeros(R, C, dtype=torch.long, device=dev).index_put(at, k.expand(B, t)[real])     # (R, C)
     causal = torch.ones(C, C, dtype=torch.bool, device=dev).tril()                                  # (C, C)
     own = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0) & causal                    # (R, C, C)
-    owner = torch.tensor(owner, device=dev)                                                         # (R,)
-    to_prompt = u_mask[owner].bool()[:, None, :].expand(R, C, u_mask.shape[1])                      # (R, C, P)
-    attn = torch.cat([to_prompt, own], -1)[:, None]                   # (R, 1, C, P + C): True = may attend
-    cache.batch_select_indices(owner)                                 # (U, ...) -> (R, ...), differentiable
+    table = torch.tensor([ps + ps[:1] * (K - len(ps)) for ps in prompts], device=dev)               # (R, K)
+    key_ok = u_mask[table].bool() & (torch.arange(K, device=dev) < torch.tensor(
+        [len(ps) for ps in prompts], device=dev)[:, None])[..., None]                              # (R, K, P)
+    to_prompt = key_ok[torch.arange(R, device=dev)[:, None], p_slot]                                # (R, C, P)
+    to_prompt = torch.zeros(R, C, K, P, dtype=torch.bool, device=dev).scatter(
+        2, p_slot[..., None, None].expand(R, C, 1, P), to_prompt[:, :, None]).flatten(2)           # (R, C, K·P)
+    attn = torch.cat([to_prompt, own], -1)[:, None]                   # (R, 1, C, K·P + C): True = may attend
+    for layer in cache.layers:   # (U, h, P, d) -> (R, h, K·P, d): each row's prompts side by side; differentiable
+        layer.keys, layer.values = (x[table].transpose(1, 2).flatten(2, 3) for x in (layer.keys, layer.values))
     hidden = decoder(input_ids=p_ids, attention_mask=attn, position_ids=p_pos, past_key_values=cache,
                      use_cache=True).last_hidden_state                 # (R, C, H)
     return hidden[src_r, src_c] * real[..., None].to(hidden.dtype)    # (B, t, H)

@@ -156,7 +156,7 @@ def _embedded_tokens(model, fn) -> tuple[object, int]:
 
 def test_a_shared_prompt_runs_once_per_group_with_the_full_passs_log_probs_and_gradients(tiny):
     """trainer.share_prompt: the two prompts (one left-padded) of 2 x 4 responses are embedded once each, two
-    short responses of a group run in one packed row, and the log-probs and the gradient of a loss on them equal
+    short responses of different prompts run in one packed row, and the log-probs and the gradient of a loss on them equal
     the full pass's (each row with its own prompt copy and its padding)."""
     import copy
 
@@ -166,9 +166,9 @@ def test_a_shared_prompt_runs_once_per_group_with_the_full_passs_log_probs_and_g
     model = copy.deepcopy(model)
     roll = tiny_rollout(model, tok, G=4, max_new_tokens=8)
     ids, mask = roll.ids.clone(), roll.mask.clone()
-    # shorter responses, right-padded as an EOS leaves them: rows 1 and 2 (3 + 4 inputs after their first
-    # token) fit one packed row of T - 1 = 7; row 6 (1 input) fits no other row of its group
-    mask[1, 4:], mask[2, 5:], mask[6, 2:] = 0.0, 0.0, 0.0
+    # two shorter responses, right-padded as an EOS leaves them: rows 1 and 6 (3 + 4 inputs after their first
+    # token), of different prompts, fit one packed row of T - 1 = 7 that holds both prompts' keys
+    mask[1, 4:], mask[6, 5:] = 0.0, 0.0
     ids[mask == 0] = tok.pad_token_id
     args = (roll.prompt_ids, roll.prompt_mask, ids, mask)
     assert (roll.prompt_mask == 0).any(), "a left-padded prompt"
