@@ -105,8 +105,8 @@ def _response_hidden(model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor
     past each row's response.
 
     With `share_prompt`, rows with the same prompt (a group's G responses) run it once: its keys and values are
-    gathered for every row, and its last hidden state predicts each row's first token; the responses then run
-    packed (`_packed_rest`). Causal attention makes the prompt's states independent of the response, so these are
+    gathered for the packed rows of its responses (`_packed_rest`), and its last hidden state predicts each row's
+    first token. Causal attention makes the prompt's states independent of the response, so these are
     the numbers of the full pass up to rounding, and autograd sums the group's gradients through the gather. Not
     under gradient checkpointing (transformers turns the KV cache off there)."""
     T, decoder = ids.shape[1], model.get_decoder()
@@ -154,7 +154,7 @@ def _packed_rest(decoder, cache, u_mask: Tensor, inv: Tensor, ids: Tensor, valid
             prompts[r].append(u)
         slot[b] = (r, fill[r], prompts[r].index(u))
         fill[r] += n[b]
-    R, C, K, P, dev = len(fill), max(fill), max(map(len, prompts)), u_mask.shape[1], ids.device
+    R, C, K, dev = len(fill), max(fill), max(map(len, prompts)), ids.device
     real = valid.bool()                                               # (B, t)
     row, col, k = (torch.tensor(x, device=dev)[:, None] for x in zip(*slot))                         # (B, 1) x3
     src_r, src_c = row.expand(B, t), (col + torch.arange(t, device=dev)).clamp(max=C - 1) * real     # (B, t) x2
@@ -165,12 +165,9 @@ def _packed_rest(decoder, cache, u_mask: Tensor, inv: Tensor, ids: Tensor, valid
     p_slot = torch.zeros(R, C, dtype=torch.long, device=dev).index_put(at, k.expand(B, t)[real])     # (R, C)
     causal = torch.ones(C, C, dtype=torch.bool, device=dev).tril()                                  # (C, C)
     own = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0) & causal                    # (R, C, C)
-    table = torch.tensor([ps + ps[:1] * (K - len(ps)) for ps in prompts], device=dev)               # (R, K)
-    key_ok = u_mask[table].bool() & (torch.arange(K, device=dev) < torch.tensor(
-        [len(ps) for ps in prompts], device=dev)[:, None])[..., None]                              # (R, K, P)
-    to_prompt = key_ok[torch.arange(R, device=dev)[:, None], p_slot]                                # (R, C, P)
-    to_prompt = torch.zeros(R, C, K, P, dtype=torch.bool, device=dev).scatter(
-        2, p_slot[..., None, None].expand(R, C, 1, P), to_prompt[:, :, None]).flatten(2)           # (R, C, K·P)
+    table = torch.tensor([ps + ps[:1] * (K - len(ps)) for ps in prompts], device=dev)  # (R, K): unused slots repeat
+    mine = p_slot[..., None] == torch.arange(K, device=dev)                                         # (R, C, K)
+    to_prompt = (mine[..., None] & u_mask[table].bool()[:, None]).flatten(2)                        # (R, C, K·P)
     attn = torch.cat([to_prompt, own], -1)[:, None]                   # (R, 1, C, K·P + C): True = may attend
     for layer in cache.layers:   # (U, h, P, d) -> (R, h, K·P, d): each row's prompts side by side; differentiable
         layer.keys, layer.values = (x[table].transpose(1, 2).flatten(2, 3) for x in (layer.keys, layer.values))
