@@ -118,16 +118,16 @@ def _response_hidden(model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor
         full_ids = torch.cat([prompt_ids, ids], dim=1)                # (B, P + T)
         hidden = decoder(input_ids=full_ids, attention_mask=attn, position_ids=positions(attn),
                          use_cache=False).last_hidden_state[:, -T - 1:-1]   # no KV cache: nothing reads it
-        return hidden * mask[..., None].to(hidden.dtype)             # (B, T, H)
-    P = prompt_ids.shape[1]
-    u_ids, u_mask = uniq[:, :P], uniq[:, P:]                          # (U, P) x2
-    out = decoder(input_ids=u_ids, attention_mask=u_mask, position_ids=positions(u_mask), use_cache=True)
-    first = out.last_hidden_state[inv, -1:]                           # (B, 1, H): predicts each row's first token
-    if T == 1:
-        return first
-    rest = _packed_rest(decoder, out.past_key_values, u_mask, inv, ids[:, :-1], mask[:, 1:],
-                        positions(attn)[:, P:-1])                     # (B, T - 1, H)
-    return torch.cat([first, rest], 1)                                # (B, T, H)
+    else:
+        P = prompt_ids.shape[1]
+        u_ids, u_mask = uniq[:, :P], uniq[:, P:]                      # (U, P) x2
+        out = decoder(input_ids=u_ids, attention_mask=u_mask, position_ids=positions(u_mask), use_cache=True)
+        hidden = out.last_hidden_state[inv, -1:]                      # (B, 1, H): predicts each row's first token
+        if T > 1:
+            rest = _packed_rest(decoder, out.past_key_values, u_mask, inv, ids[:, :-1], mask[:, 1:],
+                                positions(attn)[:, P:-1])             # (B, T - 1, H)
+            hidden = torch.cat([hidden, rest], 1)                     # (B, T, H)
+    return hidden * mask[..., None].to(hidden.dtype)                  # (B, T, H)
 
 
 def _packed_rest(decoder, cache, u_mask: Tensor, inv: Tensor, ids: Tensor, valid: Tensor, pos: Tensor) -> Tensor:
@@ -137,8 +137,8 @@ def _packed_rest(decoder, cache, u_mask: Tensor, inv: Tensor, ids: Tensor, valid
     so a short response leaves no padding for the trunk to run when another fills its place. A packed row carries
     the keys and values of the k prompts of its responses; it replaces at least k padded rows, so attention
     costs no more than the padded pass's. ids, valid, pos (B, t): the inputs (each response but its last
-    token), where they are real, their position ids; inv (B,): each row's prompt in the cache. -> (B, t, H),
-    zero where `valid` is 0."""
+    token), where they are real, their position ids; inv (B,): each row's prompt in the cache. -> (B, t, H);
+    where `valid` is 0, a copy of some packed state (the caller masks)."""
     B, t = ids.shape
     n = valid.sum(1).long().tolist()                                  # real inputs per row
     prompts, fill, slot = [], [], [None] * B                          # per packed row: its prompts, its length
@@ -173,7 +173,7 @@ def _packed_rest(decoder, cache, u_mask: Tensor, inv: Tensor, ids: Tensor, valid
         layer.keys, layer.values = (x[table].transpose(1, 2).flatten(2, 3) for x in (layer.keys, layer.values))
     hidden = decoder(input_ids=p_ids, attention_mask=attn, position_ids=p_pos, past_key_values=cache,
                      use_cache=True).last_hidden_state                 # (R, C, H)
-    return hidden[src_r, src_c] * real[..., None].to(hidden.dtype)    # (B, t, H)
+    return hidden[src_r, src_c]                                       # (B, t, H)
 
 
 def _values(model, hidden: Tensor, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor,
@@ -206,9 +206,10 @@ def token_logps(model, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mas
     hidden = _response_hidden(model, prompt_ids, prompt_mask, ids, mask, share_prompt)   # (B, T, H)
     head, (B, T), real = model.get_output_embeddings(), ids.shape, mask.bool()
     h, y = hidden[real], ids[real]                                    # (n, H), (n,)
-    step = B * chunk if 0 < chunk < T else max(len(y), 1)
+    n = max(len(y), 1)                                                # one (empty) chunk when no token is real
+    step = B * chunk if 0 < chunk < T else n
     pieces = []
-    for s in range(0, max(len(y), 1), step):
+    for s in range(0, n, step):
         args = (head, h[s:s + step], y[s:s + step], temperature)     # (c, H), (c,)
         recompute = step < len(y) and torch.is_grad_enabled()
         pieces.append(checkpoint(_chunk_logp, *args, use_reentrant=False) if recompute else _chunk_logp(*args))
